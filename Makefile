@@ -1,0 +1,34 @@
+# gpuserve developer commands. `make serve` and `make test` need only python3 (>= 3.11).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install serve test test-unit test-integration bench clean
+
+# Re-install when the dependency lists change.
+$(STAMP): pyproject.toml requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+install: $(STAMP)
+
+serve: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/gpuserve run examples/quickstart.yaml
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests
+
+test-unit: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests/unit
+
+test-integration: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests/integration
+
+bench: install
+	HF_HUB_OFFLINE=1 $(PY) bench/serving_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,178 @@
+"""The task interface the serving layer drives, and helpers shared by tasks.
+
+A task owns a loaded model and nothing else: it parses a request body into a
+work item (raising ``InvalidRequest`` for anything wrong), runs a batch of work
+items, and optionally streams one. It imports neither Ray nor FastAPI, so it is
+tested and benchmarked on its own, and runs on a GPU machine without Ray.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Optional
+
+from pydantic import BaseModel, ValidationError
+
+from serving.errors import InvalidRequest, ModelNotFound
+from serving.spec import ModelDeployment
+
+
+def resolve_model_path(path: str) -> Path:
+    """Turn ``model.path`` into a local directory holding ``config.json``.
+
+    ``package://NAME`` finds an installed package's bundled model without
+    importing it (importing could have side effects): ``NAME/model`` if that
+    holds a model, else the package directory itself.
+
+    Raises:
+        FileNotFoundError: with the path tried and how to fix it.
+    """
+    if path.startswith("package://"):
+        name = path[len("package://") :]
+        found = importlib.util.find_spec(name)
+        if found is None or not found.submodule_search_locations:
+            raise FileNotFoundError(
+                f"model.path {path!r}: package {name!r} is not installed; pip install it "
+                "or point model.path at a model directory"
+            )
+        root = Path(next(iter(found.submodule_search_locations)))
+        candidates = [root / "model", root]
+    else:
+        candidates = [Path(path).expanduser()]
+    for c in candidates:
+        if (c / "config.json").is_file():
+            return c.resolve()
+    raise FileNotFoundError(
+        f"model.path {path!r}: no config.json in {', '.join(str(c) for c in candidates)}; "
+        "point model.path at a directory saved with save_pretrained()"
+    )
+
+
+def pick_device(requested: str) -> str:
+    """Choose 'cuda' or 'cpu'. 'auto' means CUDA when this process sees a GPU."""
+    import torch
+
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                "model.device is 'cuda' but this replica sees no CUDA device; check resources.gpus "
+                "and the node's drivers, or use device 'auto'"
+            )
+        return "cuda"
+    if requested == "cpu":
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(requested: str, device: str) -> Any:
+    """Map the spec's dtype name to a torch dtype ('auto': fp16 on CUDA, fp32 on CPU)."""
+    import torch
+
+    if requested == "auto":
+        return torch.float16 if device == "cuda" else torch.float32
+    return getattr(torch, requested)
+
+
+def parse_body(model_cls: type[BaseModel], body: Any) -> Any:
+    """Validate a JSON body against a request model, as an ``InvalidRequest``.
+
+    The first pydantic error becomes the message, with the offending field as
+    OpenAI's ``param``: clients fix one thing at a time anyway.
+    """
+    if not isinstance(body, dict):
+        raise InvalidRequest(
+            f"request body must be a JSON object, got {type(body).__name__}", code="invalid_body"
+        )
+    try:
+        return model_cls.model_validate(body)
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+        # Of the first field's errors, the deepest is the most precise (input[3], not input).
+        first = [x for x in errors if x["loc"][:1] == errors[0]["loc"][:1]]
+        err = max(first, key=lambda x: len(x["loc"]))
+        # Keep field names and list indices; drop pydantic's union-branch tags
+        # ('str', 'list[str]', ...) which mean nothing to a client.
+        path = [p for p in err["loc"] if isinstance(p, int) or p in model_cls.model_fields or p == err["loc"][0]]
+        loc = "".join(f"[{p}]" if isinstance(p, int) else ("." if i else "") + str(p) for i, p in enumerate(path))
+        given = err.get("input")
+        shown = repr(given) if len(repr(given)) <= 80 else repr(given)[:77] + "..."
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown field {loc!r}; remove it (accepted fields: {', '.join(model_cls.model_fields)})"
+        elif err["type"] == "missing":
+            msg = f"field {loc!r} is required"
+        else:
+            reasons = " or ".join(dict.fromkeys(x["msg"] for x in first if len(x["loc"]) == len(err["loc"])))
+            msg = f"field {loc!r} ({shown}) is invalid: {reasons}"
+        raise InvalidRequest(msg, param=loc, code="invalid_" + err["type"]) from None
+
+
+class Task(ABC):
+    """A loaded model behind one or more OpenAI endpoints.
+
+    Subclasses set ``endpoints`` and implement the abstract methods. The serving
+    layer calls ``parse`` on the event loop (it must be quick) and
+    ``run_batch``/``stream`` on a worker thread.
+    """
+
+    endpoints: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, spec: ModelDeployment):
+        self.spec = spec
+        t0 = time.perf_counter()
+        self.model_dir = resolve_model_path(spec.model.path)
+        self.device = pick_device(spec.model.device)
+        self.dtype = pick_dtype(spec.model.dtype, self.device)
+        self.load()
+        self.load_s = time.perf_counter() - t0
+
+    @abstractmethod
+    def load(self) -> None:
+        """Load weights and tokenizer from ``self.model_dir`` onto ``self.device``."""
+
+    @abstractmethod
+    def parse(self, endpoint: str, body: Any) -> Any:
+        """Validate a request body for ``endpoint`` and return a work item."""
+
+    @abstractmethod
+    def run_batch(self, items: list[Any]) -> list[dict[str, Any]]:
+        """Answer a batch of work items, one response body each, in order."""
+
+    @abstractmethod
+    def warmup_items(self, texts: list[str]) -> list[Any]:
+        """Work items built from the spec's warm-up texts."""
+
+    def wants_stream(self, item: Any) -> bool:
+        """Whether this work item is answered as a server-sent-event stream."""
+        return False
+
+    def stream(self, item: Any, cancel: threading.Event) -> Iterator[dict[str, Any]]:
+        """Yield the response chunks of a streaming work item; stop soon after ``cancel`` is set."""
+        raise NotImplementedError
+
+    def check_model(self, requested: Optional[str]) -> None:
+        """Refuse requests that name another model than this deployment serves."""
+        if requested is not None and requested != self.spec.served_name:
+            raise ModelNotFound(
+                f"model {requested!r} is not served here; this deployment serves {self.spec.served_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    def health(self) -> None:
+        """Raise if the model can no longer serve (cheap; called by Serve's health check)."""
+        if getattr(self, "model", None) is None:
+            raise RuntimeError("model is not loaded")
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for the readiness endpoint."""
+        return {
+            "model": self.spec.served_name,
+            "task": self.spec.task,
+            "device": self.device,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "load_s": round(self.load_s, 3),
+        }

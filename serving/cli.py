@@ -1,0 +1,68 @@
+"""The ``gpuserve`` command line.
+
+``gpuserve run`` is a thin wrapper over Ray Serve's own ``serve run``: the same
+targets (``module:app`` or a Serve config YAML), the same options, plus the
+defaults gpuserve wants (Hugging Face hub offline, the current directory
+importable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+__all__ = ["main"]
+
+
+def _cmd_run(args: argparse.Namespace, passthrough: list[str]) -> int:
+    # Replicas inherit the driver's environment through Ray's runtime env only
+    # for variables set here, before Ray starts.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from ray.serve.scripts import cli as serve_cli
+
+    argv = ["run", *passthrough, args.target]
+    if "--app-dir" not in passthrough and "-d" not in passthrough:
+        argv[1:1] = ["--app-dir", "."]
+    try:
+        serve_cli.main(args=argv, prog_name="gpuserve run", standalone_mode=False)
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from serving import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="gpuserve", description="Ray Serve inference serving for GPU clusters."
+    )
+    parser.add_argument("--version", action="version", version=f"gpuserve {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser(
+        "run",
+        help="run an app locally, like `serve run` (extra options go to `serve run`)",
+        description="Start TARGET (module:app or a Serve config YAML) on a local Ray instance. "
+        "Unrecognised options are passed to `serve run`, e.g. --address, --blocking/--non-blocking.",
+    )
+    run.add_argument("target", help="import path 'module:app' or a Serve config file")
+    run.set_defaults(func=_cmd_run)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``gpuserve`` console script."""
+    parser = _build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if rest and args.command != "run":
+        parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    return args.func(args, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

