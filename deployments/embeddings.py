@@ -38,8 +38,12 @@ class EmbeddingsItem:
     """One parsed request: its texts and their token counts."""
 
     texts: list[str]
-    token_counts: list[int]
+    token_ids: list[list[int]]
     encoding_format: str
+
+    @property
+    def token_count(self) -> int:
+        return sum(len(ids) for ids in self.token_ids)
 
 
 class SentenceEncoder:
@@ -67,28 +71,28 @@ class SentenceEncoder:
             limits.append(tok_max)
         self.max_tokens = min(int(x) for x in limits if x)
 
-    def count_tokens(self, texts: list[str]) -> list[int]:
-        """Token counts including special tokens, as the model will see them."""
-        enc = self.tokenizer(texts, add_special_tokens=True, truncation=False)
-        return [len(ids) for ids in enc["input_ids"]]
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids including special tokens, untruncated (callers check the length)."""
+        return self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
 
     def encode(self, texts: list[str], max_batch: int = 64) -> Any:
         """Return a float32 numpy array (len(texts), dim) of unit vectors."""
+        ids = [x[: self.max_tokens] for x in self.tokenize(texts)]
+        return self.encode_ids(ids, max_batch)
+
+    def encode_ids(self, token_ids: list[list[int]], max_batch: int = 64) -> Any:
+        """Like ``encode`` for already tokenized inputs (each at most ``max_tokens`` long)."""
         import numpy as np
         import torch
 
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        out = np.empty((len(token_ids), self.dim), dtype=np.float32)
         # Sort by length so each forward pass pads as little as possible.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
         with torch.inference_mode():
             for start in range(0, len(order), max_batch):
                 idx = order[start : start + max_batch]
-                enc = self.tokenizer(
-                    [texts[i] for i in idx],
-                    padding=True,
-                    truncation=True,
-                    max_length=self.max_tokens,
-                    return_tensors="pt",
+                enc = self.tokenizer.pad(
+                    {"input_ids": [token_ids[i] for i in idx]}, padding=True, return_tensors="pt"
                 ).to(self.device)
                 hidden = self.model(**enc).last_hidden_state
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -136,8 +140,8 @@ class EmbeddingsTask(Task):
                 param="dimensions",
                 code="unsupported_dimensions",
             )
-        counts = self.encoder.count_tokens(texts)
-        for i, n in enumerate(counts):
+        token_ids = self.encoder.tokenize(texts)
+        for i, n in enumerate(map(len, token_ids)):
             if n > self.max_tokens:
                 raise InvalidRequest(
                     f"input[{i}] is {n} tokens, more than the model accepts ({self.max_tokens}); "
@@ -145,12 +149,12 @@ class EmbeddingsTask(Task):
                     param=f"input[{i}]",
                     code="input_too_long",
                 )
-        return EmbeddingsItem(texts=texts, token_counts=counts, encoding_format=req.encoding_format)
+        return EmbeddingsItem(texts=texts, token_ids=token_ids, encoding_format=req.encoding_format)
 
     def run_batch(self, items: list[EmbeddingsItem]) -> list[dict[str, Any]]:
         # One forward pass (or a few, sorted by length) for all requests' texts.
-        flat = [t for it in items for t in it.texts]
-        vectors = self.encoder.encode(flat, max_batch=max(1, self.spec.batching.max_batch_size * 8))
+        flat = [ids for it in items for ids in it.token_ids]
+        vectors = self.encoder.encode_ids(flat, max_batch=max(1, self.spec.batching.max_batch_size * 8))
         out, pos = [], 0
         for it in items:
             n = len(it.texts)
@@ -163,7 +167,7 @@ class EmbeddingsTask(Task):
                 )
                 data.append({"object": "embedding", "index": j, "embedding": emb})
             pos += n
-            tokens = sum(it.token_counts)
+            tokens = it.token_count
             out.append(
                 {
                     "object": "list",
@@ -175,7 +179,7 @@ class EmbeddingsTask(Task):
         return out
 
     def warmup_items(self, texts: list[str]) -> list[EmbeddingsItem]:
-        return [EmbeddingsItem([t], self.encoder.count_tokens([t]), "float") for t in texts]
+        return [EmbeddingsItem([t], [x[: self.max_tokens] for x in self.encoder.tokenize([t])], "float") for t in texts]
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "dimensions": self.encoder.dim, "max_input_tokens": self.max_tokens}

@@ -261,7 +261,7 @@ class ModelDeployment(_Spec):
     model: ModelSource
     resources: Resources = Field(default_factory=Resources)
     replicas: Optional[int] = Field(
-        default=None, ge=0, le=1000, description="Fixed replica count; exclusive with autoscaling."
+        default=None, ge=0, le=1000, description="Fixed replica count (1 when neither replicas nor autoscaling is set); exclusive with autoscaling."
     )
     autoscaling: Optional[AutoscalingSpec] = Field(
         default=None, description="Replica bounds and policy; exclusive with replicas."

@@ -73,6 +73,13 @@ class ModelServer:
         # single thread keeps the event loop free for health checks and parsing.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpuserve-model")
         self.task = resolve_task(self.spec.task)(self.spec)
+        # Set while the model thread is free. @serve.batch forms a batch as soon as
+        # its wait timeout passes and only then queues it behind the running one,
+        # so while the model is busy it would cut the backlog into many tiny
+        # batches. Holding requests here until the model frees lets them enter
+        # the batch queue together and form full batches.
+        self._model_idle = asyncio.Event()
+        self._model_idle.set()
         b = self.spec.batching
         self._batched.set_max_batch_size(b.max_batch_size)
         self._batched.set_batch_wait_timeout_s(b.batch_wait_timeout_s)
@@ -109,10 +116,15 @@ class ModelServer:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _batched(self, items: list[Any]) -> list[_Outcome]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._run_isolated, items)
+        self._model_idle.clear()
+        try:
+            return await loop.run_in_executor(self._executor, self._run_isolated, items)
+        finally:
+            self._model_idle.set()
 
     async def _run(self, item: Any) -> Any:
         if self.spec.batching.enabled:
+            await self._model_idle.wait()
             return (await self._batched(item)).unwrap()
         loop = asyncio.get_running_loop()
         return (await loop.run_in_executor(self._executor, self._run_isolated, [item]))[0].unwrap()

