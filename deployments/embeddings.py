@@ -181,5 +181,14 @@ class EmbeddingsTask(Task):
     def warmup_items(self, texts: list[str]) -> list[EmbeddingsItem]:
         return [EmbeddingsItem([t], [x[: self.max_tokens] for x in self.encoder.tokenize([t])], "float") for t in texts]
 
+    def count_tokens(self, text: str) -> int:
+        return len(self.encoder.tokenize([text])[0])
+
+    def item_tokens(self, item: EmbeddingsItem) -> int:
+        return max(len(ids) for ids in item.token_ids)
+
+    def max_input_tokens_for_warmup(self) -> int:
+        return self.max_tokens
+
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "dimensions": self.encoder.dim, "max_input_tokens": self.max_tokens}

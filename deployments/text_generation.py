@@ -22,6 +22,8 @@ from serving.errors import InvalidRequest
 __all__ = ["CausalLM", "CompletionsRequest", "TextGenerationTask"]
 
 MAX_STOP_SEQUENCES = 4
+# New tokens per warm-up request: enough to run the decode loop, cheap on any model.
+WARMUP_NEW_TOKENS = 4
 
 
 class CompletionsRequest(BaseModel):
@@ -329,7 +331,16 @@ class TextGenerationTask(Task):
         yield chunk(tail, reason)
 
     def warmup_items(self, texts: list[str]) -> list[CompletionItem]:
-        return [CompletionItem(t, self.lm.count_tokens(t), 4, 0.0, 1.0, [], False) for t in texts]
+        return [CompletionItem(t, self.lm.count_tokens(t), WARMUP_NEW_TOKENS, 0.0, 1.0, [], False) for t in texts]
+
+    def count_tokens(self, text: str) -> int:
+        return self.lm.count_tokens(text)
+
+    def item_tokens(self, item: CompletionItem) -> int:
+        return item.prompt_tokens
+
+    def max_input_tokens_for_warmup(self) -> int:
+        return self.max_positions - WARMUP_NEW_TOKENS
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "context_tokens": self.max_positions}

@@ -35,7 +35,7 @@ spec = ModelDeployment(
     autoscaling=AutoscalingSpec(min_replicas=1, max_replicas=int(os.environ.get("GPUSERVE_MAX_REPLICAS", "2"))),
     queue=QueueSpec(max_ongoing_requests=16, max_queued_requests=64),
     batching=BatchingSpec(max_batch_size=8, batch_wait_timeout_s=0.01),
-    warmup=WarmupSpec(inputs=["Hello", "Once upon a time in a land far away"], rounds=1),
+    warmup=WarmupSpec(inputs=["Hello", "Once upon a time in a land far away"], min_rounds=1, max_rounds=3),
 )
 
 app = spec.build()

@@ -26,6 +26,7 @@ from serving.errors import (
 from serving.spec import (
     AutoscalingSpec,
     BatchingSpec,
+    HealthSpec,
     ModelDeployment,
     ModelSource,
     QueueSpec,
@@ -39,6 +40,7 @@ __all__ = [
     "AutoscalingSpec",
     "BatchingSpec",
     "GpuserveError",
+    "HealthSpec",
     "InvalidRequest",
     "ModelDeployment",
     "ModelNotFound",

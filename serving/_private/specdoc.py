@@ -11,7 +11,16 @@ import inspect
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from serving.spec import AutoscalingSpec, BatchingSpec, ModelDeployment, ModelSource, QueueSpec, Resources, WarmupSpec
+from serving.spec import (
+    AutoscalingSpec,
+    BatchingSpec,
+    HealthSpec,
+    ModelDeployment,
+    ModelSource,
+    QueueSpec,
+    Resources,
+    WarmupSpec,
+)
 
 _MODELS: list[type[BaseModel]] = [
     ModelDeployment,
@@ -20,6 +29,7 @@ _MODELS: list[type[BaseModel]] = [
     AutoscalingSpec,
     QueueSpec,
     WarmupSpec,
+    HealthSpec,
     BatchingSpec,
 ]
 

@@ -13,14 +13,20 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def serve_instance():
+def metrics_port() -> int:
+    """The port Ray's metrics agent exports Prometheus text on."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def serve_instance(metrics_port):
     """Start Ray (no dashboard) and Serve on a free port; yield the HTTP base URL."""
     import ray
     from ray import serve
 
-    # 4 logical CPUs on a 2-core machine: replicas mostly wait, and tests need
+    # 6 logical CPUs on a 2-core machine: replicas mostly wait, and tests need
     # room for several small deployments at once.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"

@@ -120,9 +120,11 @@ def test_model_path_forms(path, fragment):
     assert fragment in error_text(lambda: ModelSource(path=path))
 
 
-def test_warmup_enabled_needs_inputs():
-    assert "warmup.inputs is empty" in error_text(lambda: WarmupSpec(inputs=[]))
-    assert WarmupSpec(enabled=False, inputs=[]).inputs == []
+def test_warmup_needs_something_to_run():
+    assert "nothing to run" in error_text(lambda: WarmupSpec(inputs=[], cover_max_input=False))
+    assert WarmupSpec(inputs=[]).cover_max_input
+    assert "warmup.max_rounds (1) must be >= warmup.min_rounds (2)" in error_text(lambda: WarmupSpec(max_rounds=1))
+    assert WarmupSpec(enabled=False, inputs=[], cover_max_input=False).inputs == []
 
 
 def test_spec_round_trips_through_json():
@@ -189,3 +191,14 @@ def test_spec_reference_doc_is_current():
 
     doc = Path(__file__).resolve().parents[2] / "docs" / "spec.md"
     assert doc.read_text() == render(), "regenerate: python -m serving._private.specdoc > docs/spec.md"
+
+
+def test_replica_init_spec_leaves_out_scaling():
+    from serving._private.app import replica_init_spec
+
+    one, two = make(replicas=1), make(replicas=2)
+    auto = make(autoscaling=AutoscalingSpec(min_replicas=1, max_replicas=8))
+    # Same constructor argument whatever the replica count: Serve scales instead of replacing replicas.
+    assert replica_init_spec(one) == replica_init_spec(two) == replica_init_spec(auto)
+    assert ModelDeployment.model_validate(replica_init_spec(two)).name == "m"
+

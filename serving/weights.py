@@ -1,0 +1,191 @@
+"""A verified, node-local weight cache.
+
+A GPU node that joins during a spike must not spend its first minutes pulling
+weights from a slow shared volume, nor load a half-copied file. ``prefetch``
+copies a model into ``CACHE_DIR/<key>/`` with a manifest of every file's size
+and SHA-256, writing to a temporary directory and renaming it into place, so a
+cache entry is either complete or absent. ``ensure_cached`` verifies an entry
+before a replica loads it and refills a corrupt one from the source.
+
+Sources are local directories (an image path, a mounted volume) and
+``package://NAME``; gpuserve never downloads weights at run time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal, Union
+
+__all__ = [
+    "CacheCorrupt",
+    "cache_key",
+    "ensure_cached",
+    "prefetch",
+    "resolve_model_path",
+    "verify_entry",
+]
+
+MANIFEST = "gpuserve-manifest.json"
+_CHUNK = 1 << 20
+
+
+def resolve_model_path(path: str) -> Path:
+    """Turn ``model.path`` into a local directory holding ``config.json``.
+
+    ``package://NAME`` finds an installed package's bundled model without
+    importing it (importing could have side effects): ``NAME/model`` if that
+    holds a model, else the package directory itself.
+
+    Raises:
+        FileNotFoundError: with the path tried and how to fix it.
+    """
+    if path.startswith("package://"):
+        name = path[len("package://") :]
+        found = importlib.util.find_spec(name)
+        if found is None or not found.submodule_search_locations:
+            raise FileNotFoundError(
+                f"model.path {path!r}: package {name!r} is not installed; pip install it "
+                "or point model.path at a model directory"
+            )
+        root = Path(next(iter(found.submodule_search_locations)))
+        candidates = [root / "model", root]
+    else:
+        candidates = [Path(path).expanduser()]
+    for c in candidates:
+        if (c / "config.json").is_file():
+            return c.resolve()
+    raise FileNotFoundError(
+        f"model.path {path!r}: no config.json in {', '.join(str(c) for c in candidates)}; "
+        "point model.path at a directory saved with save_pretrained()"
+    )
+
+
+class CacheCorrupt(RuntimeError):
+    """A cache entry does not match its manifest."""
+
+
+def cache_key(source: str) -> str:
+    """A stable directory name for a source: readable prefix + hash of the full source."""
+    resolved = str(resolve_model_path(source))
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", source.replace("package://", "package-")).strip("-")[-60:]
+    return f"{readable}-{hashlib.sha256(resolved.encode()).hexdigest()[:12]}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _model_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.name != MANIFEST)
+
+
+def verify_entry(entry: Union[str, Path], verify: Literal["sha256", "size"] = "sha256") -> dict[str, Any]:
+    """Check a cache entry against its manifest; return the manifest.
+
+    Raises:
+        CacheCorrupt: naming the first file that is missing, resized or altered.
+    """
+    entry = Path(entry)
+    try:
+        manifest = json.loads((entry / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CacheCorrupt(f"{entry}: manifest {MANIFEST} is missing or unreadable ({e})") from None
+    for rel, meta in files.items():
+        p = entry / rel
+        if not p.is_file():
+            raise CacheCorrupt(f"{entry}: {rel} is missing")
+        size = p.stat().st_size
+        if size != meta["size"]:
+            raise CacheCorrupt(f"{entry}: {rel} is {size} bytes, manifest says {meta['size']}")
+        if verify == "sha256" and _sha256(p) != meta["sha256"]:
+            raise CacheCorrupt(f"{entry}: {rel} does not match its SHA-256 in the manifest")
+    return manifest
+
+
+def prefetch(source: str, cache_dir: Union[str, Path]) -> Path:
+    """Copy ``source`` into the cache (if not already there and valid); return the entry path."""
+    src = resolve_model_path(source)
+    cache = Path(cache_dir).expanduser()
+    cache.mkdir(parents=True, exist_ok=True)
+    entry = cache / cache_key(source)
+    if entry.is_dir():
+        try:
+            verify_entry(entry, "sha256")
+            return entry
+        except CacheCorrupt:
+            _move_aside(entry)
+    tmp = cache / f".{entry.name}.tmp-{os.getpid()}-{time.time_ns()}"
+    files: dict[str, dict[str, Any]] = {}
+    try:
+        for f in _model_files(src):
+            rel = f.relative_to(src).as_posix()
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dst)
+            files[rel] = {"size": dst.stat().st_size, "sha256": _sha256(dst)}
+        if "config.json" not in files:
+            raise FileNotFoundError(f"{src}: no config.json; not a model directory")
+        manifest = {"source": source, "resolved_source": str(src), "created_s": time.time(), "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        try:
+            os.replace(tmp, entry)
+        except OSError:
+            # Another process (another replica on this node) finished first: keep its entry.
+            verify_entry(entry, "size")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return entry
+
+
+def _move_aside(entry: Path) -> None:
+    aside = entry.with_name(f".{entry.name}.corrupt-{time.time_ns()}")
+    os.replace(entry, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def ensure_cached(
+    source: str, cache_dir: Union[str, Path], verify: Literal["sha256", "size"] = "sha256"
+) -> Path:
+    """The verified cache entry for ``source``, filling or refilling it from the source if needed.
+
+    Raises:
+        FileNotFoundError: the entry is absent or corrupt and the source cannot be read.
+    """
+    entry = Path(cache_dir).expanduser() / _key_or_none(source, cache_dir)
+    if entry.is_dir():
+        try:
+            verify_entry(entry, verify)
+            return entry
+        except CacheCorrupt:
+            _move_aside(entry)
+    return prefetch(source, cache_dir)
+
+
+def _key_or_none(source: str, cache_dir: Union[str, Path]) -> str:
+    try:
+        return cache_key(source)
+    except FileNotFoundError:
+        # The source is unreachable here (e.g. the volume is only mounted in the init
+        # container): find the entry prefetch made by the source recorded in its manifest.
+        for manifest in Path(cache_dir).expanduser().glob(f"*/{MANIFEST}"):
+            try:
+                if json.loads(manifest.read_text()).get("source") == source:
+                    return manifest.parent.name
+            except (OSError, ValueError):
+                continue
+        raise FileNotFoundError(
+            f"model {source!r} is neither readable nor in the cache {cache_dir}; run "
+            f"`gpuserve prefetch {source} --cache-dir {cache_dir}` where the source is reachable"
+        ) from None

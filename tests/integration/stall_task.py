@@ -1,0 +1,16 @@
+"""A user task (loaded by import path) whose request path can be stalled on purpose."""
+
+import threading
+
+from deployments.embeddings import EmbeddingsTask
+
+STALL_TEXT = "STALL-THE-MODEL-THREAD"
+
+
+class StallingEmbeddingsTask(EmbeddingsTask):
+    """Embeddings, except a request containing STALL_TEXT blocks the model thread (a hung kernel)."""
+
+    def run_batch(self, items):
+        if any(STALL_TEXT in t for it in items for t in it.texts):
+            threading.Event().wait(600)
+        return super().run_batch(items)
