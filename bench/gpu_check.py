@@ -10,6 +10,7 @@ device tool's README for carrying wheels in .whl/). Prints one JSON object:
 * ``device``: the card's name, CUDA and torch versions;
 * ``embeddings``: fp16 CUDA vs fp32 CPU agreement (min cosine) and throughput at batch 1 and 64 on both,
   side by side, with the GPU/CPU ratio;
+* ``warmup``: the warm-up report on CUDA: rounds to stable latency and the allocator-measured memory envelope;
 * ``generation``: the tiny random LM on CUDA, greedy batched output equal to streamed output;
 * ``pytest``: the exit code of ``pytest tests/gpu`` in the same call.
 """
@@ -76,6 +77,12 @@ def main() -> None:
         g, c = _throughput(gpu, texts, batch), _throughput(cpu, texts, batch)
         emb[f"batch_{batch}"] = {"gpu_texts_per_s": round(g, 1), "cpu_texts_per_s": round(c, 1), "ratio": round(g / c, 2)}
     out["embeddings"] = emb
+
+    from serving._private.memory import probe_for
+    from serving._private.warmup import plan_shapes, run_warmup
+
+    report = run_warmup(gpu.run_batch, plan_shapes(gpu, gpu.spec), gpu.spec, probe_for(gpu.device))
+    out["warmup"] = report.to_dict()
 
     with tempfile.TemporaryDirectory() as d:
         make_tiny_causal_lm(d)

@@ -35,6 +35,16 @@ _NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 _IMPORT_PATH_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
+def check_dns_name(field: str, value: str, used_as: str, example: str) -> str:
+    """Validate a Kubernetes DNS-1035 label, with an error naming the field, the rule and an example."""
+    if not _NAME_RE.match(value):
+        raise ValueError(
+            f"{field} ({value!r}) must be 1-63 lowercase letters, digits or '-', start with a letter and "
+            f"not end with '-' ({used_as}); e.g. {example!r}"
+        )
+    return value
+
+
 class _Spec(BaseModel):
     """Base for every spec model: unknown keys are errors, not silently ignored."""
 
@@ -333,12 +343,7 @@ class ModelDeployment(_Spec):
     @field_validator("name")
     @classmethod
     def _name_form(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
-            raise ValueError(
-                f"name ({v!r}) must be 1-63 lowercase letters, digits or '-', start with a letter and "
-                "not end with '-' (it becomes a Kubernetes name and a metric label); e.g. 'minilm-embed'"
-            )
-        return v
+        return check_dns_name("name", v, "it becomes a Kubernetes name and a metric label", "minilm-embed")
 
     @field_validator("task")
     @classmethod

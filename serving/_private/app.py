@@ -8,13 +8,13 @@ from serving._private.options import deployment_options
 from serving.spec import ModelDeployment
 
 
-def build_application(spec: ModelDeployment) -> Any:
-    """Return a bound ``ray.serve.Application`` serving ``spec``."""
+def build_application(spec: ModelDeployment, pool: Any = None) -> Any:
+    """Return a bound ``ray.serve.Application`` serving ``spec`` (pinned to ``pool`` if given)."""
     from ray import serve
 
     from serving._private.server import ModelServer
 
-    deployment = serve.deployment(ModelServer).options(**deployment_options(spec))
+    deployment = serve.deployment(ModelServer).options(**deployment_options(spec, pool))
     return deployment.bind(replica_init_spec(spec))
 
 

@@ -6,7 +6,12 @@ through ``record_lifecycle``.
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
+
+# Ray stops exporting a gauge value that is not set again within a few tens of
+# seconds (measured: gone after ~20-30 s), so lifecycle values are re-recorded.
+REFRESH_PERIOD_S = 5.0
 
 _TAGS = ("deployment", "replica")
 _gauges: Optional[dict] = None
@@ -44,11 +49,28 @@ def record_lifecycle(
     warmup_rounds: int,
     peak_bytes: int,
 ) -> None:
-    """Set the per-replica lifecycle gauges."""
+    """Set the per-replica lifecycle gauges, and keep them set for the replica's life."""
     tags = {"deployment": deployment, "replica": replica}
-    g = _get()
-    g["load"].set(load_s, tags)
-    g["warmup"].set(warmup_s, tags)
-    g["ready"].set(time_to_ready_s, tags)
-    g["rounds"].set(warmup_rounds, tags)
-    g["peak"].set(peak_bytes, tags)
+    values = {
+        "load": load_s,
+        "warmup": warmup_s,
+        "ready": time_to_ready_s,
+        "rounds": warmup_rounds,
+        "peak": peak_bytes,
+    }
+
+    def _record() -> None:
+        g = _get()
+        for key, value in values.items():
+            g[key].set(value, tags)
+
+    def _refresh_forever() -> None:
+        while not _stop.wait(REFRESH_PERIOD_S):
+            _record()
+
+    _record()
+    threading.Thread(target=_refresh_forever, name="gpuserve-metrics", daemon=True).start()
+
+
+# Set only by tests that construct replicas in-process; a replica process just exits.
+_stop = threading.Event()

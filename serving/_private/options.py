@@ -5,22 +5,32 @@ Pure: returns plain dicts, imports no Ray, so the mapping is unit-tested.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from serving.spec import ModelDeployment
+
+if TYPE_CHECKING:
+    from serving.pools import NodePool
 
 # A model that fails to load fails the same way every time: a few retries cover
 # a flaky node, hundreds only hide the error (Serve's default is 20).
 MAX_CONSTRUCTOR_RETRY_COUNT = 3
 
 
-def deployment_options(spec: ModelDeployment) -> dict[str, Any]:
-    """Keyword arguments for ``serve.deployment(...).options(**kw)``."""
+def deployment_options(spec: ModelDeployment, pool: Optional["NodePool"] = None) -> dict[str, Any]:
+    """Keyword arguments for ``serve.deployment(...).options(**kw)``.
+
+    With a ``pool``, replicas select that pool's nodes by label, so GPU replicas
+    land only in their pool and CPU replicas never on GPU nodes (or the head,
+    which carries no pool label).
+    """
     actor: dict[str, Any] = {"num_cpus": spec.resources.cpus, "num_gpus": spec.resources.gpus}
     if spec.resources.memory_bytes is not None:
         actor["memory"] = spec.resources.memory_bytes
     if spec.resources.accelerator_type is not None:
         actor["accelerator_type"] = spec.resources.accelerator_type
+    if pool is not None:
+        actor["label_selector"] = dict(pool.ray_labels)
     # Hugging Face libraries must never reach for the hub from a replica.
     actor["runtime_env"] = {"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}
 

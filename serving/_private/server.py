@@ -105,7 +105,11 @@ class ModelServer:
         self.warmup: "WarmupReport | None" = None
         if self.spec.warmup.enabled:
             plans = plan_shapes(self.task, self.spec)
-            self.warmup = run_warmup(self.task.run_batch, plans, self.spec, probe_for(self.task.device))
+            # Warm up on the model thread that will serve: thread-local state (OpenMP
+            # thread teams, CUDA streams and handles) is what warm-up must create.
+            self.warmup = self._executor.submit(
+                run_warmup, self.task.run_batch, plans, self.spec, probe_for(self.task.device)
+            ).result()
         self.watchdog = StallWatchdog(derive_stall_after_s(self.spec, self.warmup, self.task.load_s))
         self.time_to_ready_s = time.monotonic() - t_start
         self.ready_at_s = time.time()

@@ -36,3 +36,17 @@ def test_generation_on_cuda_batched_and_streamed(tiny_lm_dir):
     full = task.run_batch([item])[0]["choices"][0]["text"]
     s = task.parse("completions", {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "stream": True})
     assert "".join(c["choices"][0]["text"] for c in task.stream(s, threading.Event())) == full
+
+
+def test_warmup_envelope_on_cuda_grows_with_the_shape():
+    from serving._private.memory import probe_for
+    from serving._private.warmup import plan_shapes, run_warmup
+
+    task = EmbeddingsTask(spec("embeddings", MINILM))
+    probe = probe_for(task.device)
+    assert probe.kind == "cuda_allocator"
+    report = run_warmup(task.run_batch, plan_shapes(task, task.spec), task.spec, probe)
+    env = {(r["batch_size"], r["input_tokens"]): r["peak_bytes"] for r in report.envelope()}
+    largest = max(env, key=lambda k: k[0] * k[1])
+    smallest = min(env, key=lambda k: k[0] * k[1])
+    assert env[largest] > env[smallest] > 0

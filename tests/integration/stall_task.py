@@ -14,3 +14,12 @@ class StallingEmbeddingsTask(EmbeddingsTask):
         if any(STALL_TEXT in t for it in items for t in it.texts):
             threading.Event().wait(600)
         return super().run_batch(items)
+
+
+class FailingWarmupTask(EmbeddingsTask):
+    """Embeddings whose largest batch fails, as a batch that does not fit on the device would."""
+
+    def run_batch(self, items):
+        if len(items) > 1:
+            raise MemoryError("simulated: batch does not fit")
+        return super().run_batch(items)

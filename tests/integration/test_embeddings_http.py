@@ -47,7 +47,9 @@ def test_models_and_health(embeddings_client):
     health = embeddings_client.get("/health")
     assert health.status_code == 200
     h = health.json()
-    assert h["status"] == "ready" and h["dimensions"] == 384 and h["load_s"] > 0 and h["warmup_s"] > 0
+    assert h["status"] == "ready" and h["dimensions"] == 384 and h["load_s"] > 0
+    assert h["warmup"]["seconds"] > 0 and h["warmup"]["rounds"] >= 2 and h["warmup"]["envelope"]
+    assert h["time_to_ready_s"] >= h["load_s"] + h["warmup"]["seconds"] * 0.99
 
 
 BAD = [

@@ -146,13 +146,30 @@ def test_stalled_request_path_fails_health_and_serve_replaces_the_replica(deploy
 def test_lifecycle_metrics_reach_prometheus_format(embeddings_client, metrics_port):
     replica = embeddings_client.get("/health").headers[REPLICA]
     names = ("ray_gpuserve_model_load_seconds", "ray_gpuserve_warmup_seconds", "ray_gpuserve_time_to_ready_seconds")
-    deadline, text = time.monotonic() + 60, ""
+    deadline, text = time.monotonic() + 90, ""
     while time.monotonic() < deadline:
         text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
-        if all(f'{n}{{' in text for n in names):
-            break
+        if all(f'replica="{replica}"' in line for n in names for line in text.splitlines() if line.startswith(n + "{")):
+            if all(n + "{" in text for n in names):
+                break
         time.sleep(1)
     for n in names:
         rows = [line for line in text.splitlines() if line.startswith(n + "{") and f'replica="{replica}"' in line]
         assert rows, f"{n} for replica {replica} not exported"
         assert 'deployment="minilm"' in rows[0] and float(rows[0].rsplit(" ", 1)[1]) > 0
+
+
+def test_warm_up_failure_fails_the_deployment_clearly_without_a_retry_storm(serve_instance):
+    import ray
+    from ray import serve
+
+    spec = embed_spec("badwarm", 1, task="tests.integration.stall_task:FailingWarmupTask")
+    with pytest.raises(RuntimeError, match="Deploying application badwarm failed"):
+        serve.run(spec.build(), name="badwarm", route_prefix="/badwarm", blocking=False)
+    message = serve.status().applications["badwarm"].deployments["badwarm"].message
+    assert "warm-up failed on shape inputsx4" in message
+    assert "MemoryError: simulated: batch does not fit" in message
+    logs = ray._private.worker.global_worker.node.get_logs_dir_path()
+    attempts = glob.glob(os.path.join(logs, "serve", "replica_badwarm_badwarm_*.log"))
+    assert 1 <= len(attempts) <= 4, f"{len(attempts)} constructor attempts: a retry storm"
+    serve.delete("badwarm")
