@@ -18,14 +18,19 @@ install: $(STAMP)
 serve: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/gpuserve run examples/quickstart.yaml
 
+# Multi-node tests start their own Ray cluster, so they run in a second pytest process.
+MULTINODE := tests/integration/multinode
+
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests --ignore=$(MULTINODE)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(MULTINODE)
 
 test-unit: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests/unit
 
 test-integration: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests/integration
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests/integration --ignore=$(MULTINODE)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(MULTINODE)
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) bench/serving_overhead.py

@@ -134,7 +134,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 8766})
     base = "http://127.0.0.1:8766"
     runs = []

@@ -23,6 +23,7 @@ from serving.errors import (
     Overloaded,
     PayloadTooLarge,
 )
+from serving.pools import NodePool, ServingSpec, Taint
 from serving.spec import (
     AutoscalingSpec,
     BatchingSpec,
@@ -46,11 +47,14 @@ __all__ = [
     "ModelNotFound",
     "ModelNotReady",
     "ModelSource",
+    "NodePool",
     "NotFound",
     "Overloaded",
     "PayloadTooLarge",
     "QueueSpec",
     "Resources",
+    "ServingSpec",
+    "Taint",
     "WarmupSpec",
     "__version__",
 ]

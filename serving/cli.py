@@ -49,6 +49,34 @@ def _cmd_prefetch(args: argparse.Namespace, passthrough: list[str]) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace, passthrough: list[str]) -> int:
+    import json
+    import time
+
+    import ray
+
+    from serving.status import render, status
+
+    ray.init(address=args.address, log_to_driver=False, logging_level="ERROR")
+    if args.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        from serving._private.status_metrics import StatusGauges
+
+        gauges = StatusGauges()
+        start_http_server(args.metrics_port, addr=args.metrics_host, registry=gauges.registry)
+        print(f"gpuserve status: serving metrics on {args.metrics_host}:{args.metrics_port}", file=sys.stderr)
+        while True:
+            gauges.update(status())
+            time.sleep(args.interval_s)
+    reports = status()
+    if args.json:
+        print(json.dumps([r.__dict__ | {"pending": r.pending} for r in reports], indent=2))
+    else:
+        print(render(reports) or "no Serve deployments")
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from serving import __version__
 
@@ -75,6 +103,19 @@ def _build_parser() -> argparse.ArgumentParser:
     pre.add_argument("model", help="model directory or package://NAME")
     pre.add_argument("--cache-dir", required=True, help="the cache directory (node-local disk or shared volume)")
     pre.set_defaults(func=_cmd_prefetch)
+    st = sub.add_parser(
+        "status",
+        help="replicas by state per deployment, and why pending replicas wait",
+        description="Connect to a running Ray cluster and list each Serve deployment's replicas by state; for "
+        "each replica Ray could not place, say which pool it waits for, how many of the pool's GPUs are in use, "
+        "and whether the cluster autoscaler can still add a node.",
+    )
+    st.add_argument("--address", default="auto", help="Ray cluster address (default: the running local cluster)")
+    st.add_argument("--json", action="store_true", help="print JSON instead of text")
+    st.add_argument("--metrics-port", type=int, help="keep running and serve Prometheus metrics on this port")
+    st.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default loopback)")
+    st.add_argument("--interval-s", type=float, default=10.0, help="refresh period with --metrics-port")
+    st.set_defaults(func=_cmd_status)
     return parser
 
 

@@ -7,10 +7,14 @@ it through the same ``from_pretrained`` path a real model takes.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Iterator, Optional, Union
 
-__all__ = ["make_tiny_causal_lm"]
+if TYPE_CHECKING:
+    from serving.pools import NodePool
+
+__all__ = ["local_cluster", "make_tiny_causal_lm"]
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -74,3 +78,52 @@ def make_tiny_causal_lm(
     )
     GPT2LMHeadModel(config).save_pretrained(out)
     return out
+
+
+@contextlib.contextmanager
+def local_cluster(
+    pools: list["NodePool"],
+    nodes: Optional[dict[str, int]] = None,
+    object_store_memory_bytes: int = 80 * 1024 * 1024,
+) -> Iterator[object]:
+    """A multi-node Ray cluster on this machine, shaped like the pools, with fake GPUs.
+
+    The head node gets no CPUs and no GPUs, so nothing user-level can run there.
+    Each pool gets ``nodes[pool.name]`` nodes (default: ``pool.max_nodes``),
+    each with the pool's CPUs, whole fake GPUs, accelerator type and labels, so
+    placement can be checked on a laptop exactly as on the real cluster.
+    The driver is connected (``ray.init``) for the duration.
+
+    Args:
+        pools: The node pools to emulate.
+        nodes: Node count per pool name, to start a pool below its max.
+        object_store_memory_bytes: Per node; small, since many nodes share one machine.
+
+    Yields:
+        The ``ray.cluster_utils.Cluster``.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "num_gpus": 0, "object_store_memory": object_store_memory_bytes},
+    )
+    try:
+        for pool in pools:
+            count = (nodes or {}).get(pool.name, pool.max_nodes)
+            resources = {f"accelerator_type:{pool.accelerator_type}": 1.0} if pool.accelerator_type else {}
+            for _ in range(count):
+                cluster.add_node(
+                    num_cpus=pool.cpus_per_node,
+                    num_gpus=pool.gpus_per_node,
+                    resources=resources,
+                    labels=pool.ray_labels,
+                    object_store_memory=object_store_memory_bytes,
+                )
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -30,7 +30,7 @@ def deployment_options(spec: ModelDeployment, pool: Optional["NodePool"] = None)
     if spec.resources.accelerator_type is not None:
         actor["accelerator_type"] = spec.resources.accelerator_type
     if pool is not None:
-        actor["label_selector"] = dict(pool.ray_labels)
+        actor["label_selector"] = pool.ray_selector
     # Hugging Face libraries must never reach for the hub from a replica.
     actor["runtime_env"] = {"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}
 

@@ -62,6 +62,15 @@ def _replica_id() -> str:
         return f"local-{os.getpid()}"
 
 
+def _node_id() -> "str | None":
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray
+        return None
+
+
 class _Outcome:
     """A batch member's result or error: one failing item must not fail its batch-mates."""
 
@@ -256,6 +265,9 @@ class ModelServer:
                 "status": "ready",
                 "replica": self.replica_id,
                 **self.task.describe(),
+                # Where Ray placed this replica and which devices it was given.
+                "node_id": _node_id(),
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "time_to_ready_s": round(self.time_to_ready_s, 3),
                 "stall_after_s": round(self.watchdog.stall_after_s, 3),
                 "warmup": self.warmup.to_dict() if self.warmup else None,

@@ -11,6 +11,7 @@ import inspect
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from serving.pools import NodePool, ServingSpec, Taint
 from serving.spec import (
     AutoscalingSpec,
     BatchingSpec,
@@ -31,6 +32,9 @@ _MODELS: list[type[BaseModel]] = [
     WarmupSpec,
     HealthSpec,
     BatchingSpec,
+    ServingSpec,
+    NodePool,
+    Taint,
 ]
 
 

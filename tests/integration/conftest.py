@@ -26,7 +26,10 @@ def serve_instance(metrics_port):
 
     # 6 logical CPUs on a 2-core machine: replicas mostly wait, and tests need
     # room for several small deployments at once.
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
+    # address="local": always a fresh cluster of our own, never one left running on the machine.
+    ray.init(
+        address="local", num_cpus=6, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port
+    )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"

@@ -53,7 +53,8 @@ def test_quickstart_yaml_with_gpuserve_run(tmp_path):
     cfg_path = tmp_path / "quickstart.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    # RAY_ADDRESS=local: `serve run` starts its own Ray even if another cluster runs on this machine.
+    env = {**os.environ, "RAY_ADDRESS": "local"}
     gpuserve = Path(sys.executable).with_name("gpuserve")
     proc = subprocess.Popen(
         [str(gpuserve), "run", str(cfg_path)],
