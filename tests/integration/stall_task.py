@@ -23,3 +23,14 @@ class FailingWarmupTask(EmbeddingsTask):
         if len(items) > 1:
             raise MemoryError("simulated: batch does not fit")
         return super().run_batch(items)
+
+
+class SlowEmbeddingsTask(EmbeddingsTask):
+    """Embeddings with a fixed service time; a text 'SLOW:<seconds>' holds the model that long."""
+
+    def run_batch(self, items):
+        import time
+
+        hold = [float(t.split(":", 1)[1]) for it in items for t in it.texts if t.startswith("SLOW:")]
+        time.sleep(max(hold, default=0.2))
+        return super().run_batch(items)
