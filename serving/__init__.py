@@ -22,9 +22,11 @@ from serving.errors import (
     NotFound,
     Overloaded,
     PayloadTooLarge,
+    Unauthorized,
 )
 from serving.pools import NodePool, ServingSpec, Taint
 from serving.spec import (
+    AuthSpec,
     AutoscalingSpec,
     BatchingSpec,
     HealthSpec,
@@ -38,6 +40,7 @@ from serving.spec import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuthSpec",
     "AutoscalingSpec",
     "BatchingSpec",
     "GpuserveError",
@@ -55,6 +58,7 @@ __all__ = [
     "Resources",
     "ServingSpec",
     "Taint",
+    "Unauthorized",
     "WarmupSpec",
     "__version__",
 ]

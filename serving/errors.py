@@ -21,6 +21,7 @@ __all__ = [
     "NotFound",
     "Overloaded",
     "PayloadTooLarge",
+    "Unauthorized",
     "error_body",
     "http_status_for",
 ]
@@ -62,6 +63,15 @@ class ModelNotFound(NotFound):
     """The request names a model this deployment does not serve."""
 
 
+class Unauthorized(GpuserveError):
+    """No or a wrong API key. The message says nothing about which, or why."""
+
+    error_type = "invalid_request_error"
+
+    def __init__(self) -> None:
+        super().__init__("missing or invalid API key", code="unauthorized")
+
+
 class ModelNotReady(GpuserveError):
     """The model is not loaded (yet, or any more)."""
 
@@ -85,6 +95,7 @@ _STATUS_TABLE: tuple[tuple[type[GpuserveError], int], ...] = (
     (ModelNotFound, 404),
     (NotFound, 404),
     (InvalidRequest, 400),
+    (Unauthorized, 401),
     (Overloaded, 429),
     (ModelNotReady, 503),
     (GpuserveError, 500),
@@ -125,6 +136,8 @@ def error_body(exc: BaseException) -> dict[str, Any]:
 
 def http_headers_for(exc: BaseException) -> dict[str, str]:
     """Extra headers an error response carries (Retry-After for overload)."""
+    if isinstance(exc, Unauthorized):
+        return {"WWW-Authenticate": "Bearer"}
     if isinstance(exc, Overloaded):
         # Retry-After takes whole seconds; round up so clients never come back early.
         return {"Retry-After": str(max(1, int(-(-exc.retry_after_s // 1))))}

@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
+    "AuthSpec",
     "AutoscalingSpec",
     "BatchingSpec",
     "ModelDeployment",
@@ -298,6 +299,31 @@ class HealthSpec(_Spec):
     )
 
 
+class AuthSpec(_Spec):
+    """Data-plane API keys: clients send ``Authorization: Bearer <key>``.
+
+    Ray's own token auth covers the control plane only. Keys are read on each
+    replica at start, from an environment variable (comma-separated) or a file
+    (one per line), e.g. a Kubernetes Secret mounted into the worker pods; they
+    never travel in the spec or the Serve config.
+    """
+
+    api_keys_env: Optional[str] = Field(
+        default=None,
+        pattern=r"^[A-Z_][A-Z0-9_]*$",
+        description="Environment variable holding comma-separated API keys.",
+    )
+    api_keys_file: Optional[str] = Field(
+        default=None, min_length=1, description="File holding one API key per line."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "AuthSpec":
+        if (self.api_keys_env is None) == (self.api_keys_file is None):
+            raise ValueError("auth: set exactly one of api_keys_env and api_keys_file")
+        return self
+
+
 class BatchingSpec(_Spec):
     """Dynamic batching with Ray Serve's ``@serve.batch``."""
 
@@ -339,6 +365,7 @@ class ModelDeployment(_Spec):
     warmup: WarmupSpec = Field(default_factory=WarmupSpec)
     health: HealthSpec = Field(default_factory=HealthSpec)
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
+    auth: Optional[AuthSpec] = Field(default=None, description="API keys required on /v1/*; None serves openly.")
 
     @field_validator("name")
     @classmethod

@@ -22,13 +22,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from serving._private.auth import authorized, load_api_keys
 from serving._private.http import error_response, read_json
 from serving._private.memory import probe_for
 from serving._private.metrics import record_lifecycle
 from serving._private.registry import resolve_task
 from serving._private.warmup import WarmupReport, derive_stall_after_s, plan_shapes, run_warmup
 from serving._private.watchdog import StallWatchdog
-from serving.errors import GpuserveError, InvalidRequest, ModelNotReady, NotFound, error_body
+from serving.errors import GpuserveError, InvalidRequest, ModelNotReady, NotFound, Unauthorized, error_body
 from serving.spec import ModelDeployment
 
 # Serve writes the "ray.serve" logger into each replica's own log file, with the replica id.
@@ -97,6 +98,8 @@ class ModelServer:
         t_start = time.monotonic()
         self.spec = ModelDeployment.model_validate(spec)
         self.replica_id = _replica_id()
+        # Read before the model loads: a replica without its keys must fail fast, not serve openly.
+        self._api_keys = load_api_keys(self.spec.auth) if self.spec.auth else None
         # One model thread: a device runs one forward pass at a time anyway, and a
         # single thread keeps the event loop free for health checks and parsing.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpuserve-model")
@@ -205,8 +208,14 @@ class ModelServer:
             self.watchdog.finished(time.monotonic())
         yield b"data: [DONE]\n\n"
 
+    def _check_auth(self, request: Request) -> None:
+        if self._api_keys is not None and not authorized(request.headers.get("authorization"), self._api_keys):
+            raise Unauthorized()
+
     async def _serve_endpoint(self, endpoint: str, request: Request) -> Response:
         try:
+            # Before the body is read: an unauthenticated client costs no parsing.
+            self._check_auth(request)
             if endpoint not in self.task.endpoints:
                 raise NotFound(
                     f"/v1/{endpoint} is not served by this deployment (task {self.spec.task!r} serves "
@@ -237,19 +246,14 @@ class ModelServer:
         return await self._serve_endpoint("completions", request)
 
     @api.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
+    async def models(self, request: Request) -> Response:
         """The one model this deployment serves."""
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": self.spec.served_name,
-                    "object": "model",
-                    "created": int(self.ready_at_s),
-                    "owned_by": "gpuserve",
-                }
-            ],
-        }
+        try:
+            self._check_auth(request)
+        except Unauthorized as e:
+            return error_response(e)
+        model = {"id": self.spec.served_name, "object": "model", "created": int(self.ready_at_s), "owned_by": "gpuserve"}
+        return JSONResponse({"object": "list", "data": [model]})
 
     @api.get("/health")
     async def health(self) -> Response:

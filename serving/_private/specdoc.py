@@ -13,6 +13,7 @@ from pydantic_core import PydanticUndefined
 
 from serving.pools import NodePool, ServingSpec, Taint
 from serving.spec import (
+    AuthSpec,
     AutoscalingSpec,
     BatchingSpec,
     HealthSpec,
@@ -32,6 +33,7 @@ _MODELS: list[type[BaseModel]] = [
     WarmupSpec,
     HealthSpec,
     BatchingSpec,
+    AuthSpec,
     ServingSpec,
     NodePool,
     Taint,

@@ -1,0 +1,59 @@
+"""Data-plane API keys: loading, checking, and the 401 shape."""
+
+import pytest
+from pydantic import ValidationError
+
+from serving import AuthSpec, ModelDeployment, ModelSource
+from serving._private.auth import MIN_KEY_LENGTH, authorized, load_api_keys
+from serving.errors import Unauthorized, error_body, http_headers_for, http_status_for
+
+KEY_A = "a" * 20
+KEY_B = "b-secret-key-0123456789"
+
+
+def test_exactly_one_source():
+    with pytest.raises(ValidationError, match="exactly one of api_keys_env and api_keys_file"):
+        AuthSpec()
+    with pytest.raises(ValidationError, match="exactly one"):
+        AuthSpec(api_keys_env="KEYS", api_keys_file="/k")
+    with pytest.raises(ValidationError, match="api_keys_env"):
+        AuthSpec(api_keys_env="lower-case")
+    spec = ModelDeployment(name="m", task="embeddings", model=ModelSource(path="/x"), auth=AuthSpec(api_keys_env="K"))
+    assert spec.auth.api_keys_env == "K"
+
+
+def test_keys_from_env_and_file(tmp_path):
+    assert load_api_keys(AuthSpec(api_keys_env="K"), {"K": f" {KEY_A}, {KEY_B} ,"}) == (KEY_A.encode(), KEY_B.encode())
+    f = tmp_path / "keys"
+    f.write_text(f"{KEY_A}\n\n{KEY_B}\n")
+    assert load_api_keys(AuthSpec(api_keys_file=str(f))) == (KEY_A.encode(), KEY_B.encode())
+
+
+@pytest.mark.parametrize(
+    "environ,fragment",
+    [({}, "is not set"), ({"K": " , "}, "holds no API keys"), ({"K": "short"}, f"shorter than {MIN_KEY_LENGTH}")],
+)
+def test_bad_env_sources(environ, fragment):
+    with pytest.raises(ValueError, match=fragment) as ei:
+        load_api_keys(AuthSpec(api_keys_env="K"), environ)
+    assert "short" not in str(ei.value).split("shorter")[0], "the message never echoes a key"
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="cannot read file"):
+        load_api_keys(AuthSpec(api_keys_file=str(tmp_path / "nope")))
+
+
+def test_authorized():
+    keys = (KEY_A.encode(), KEY_B.encode())
+    assert authorized(f"Bearer {KEY_A}", keys)
+    assert authorized(f"bearer {KEY_B}", keys)
+    for header in (None, "", "Bearer", "Bearer ", f"Basic {KEY_A}", f"Bearer {KEY_A}x", KEY_A):
+        assert not authorized(header, keys), header
+
+
+def test_401_says_nothing_specific():
+    e = Unauthorized()
+    assert http_status_for(e) == 401
+    assert http_headers_for(e) == {"WWW-Authenticate": "Bearer"}
+    assert error_body(e)["error"]["message"] == "missing or invalid API key"
