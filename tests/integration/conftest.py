@@ -24,11 +24,12 @@ def serve_instance(metrics_port):
     import ray
     from ray import serve
 
-    # 6 logical CPUs on a 2-core machine: replicas mostly wait, and tests need
-    # room for several small deployments at once.
+    # 16 logical CPUs on a 2-core machine: they are scheduling tokens, not cores.
+    # Replicas mostly wait, and the session holds several small deployments at
+    # once while the autoscaling test still needs room for one more replica.
     # address="local": always a fresh cluster of our own, never one left running on the machine.
     ray.init(
-        address="local", num_cpus=6, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port
+        address="local", num_cpus=16, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port
     )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -20,7 +20,10 @@ def guarded(deploy, tmp_path_factory):
         auth=AuthSpec(api_keys_file=str(keys)),
         warmup=WarmupSpec(cover_max_input=False, min_rounds=1, max_rounds=1),
     )
-    return deploy(spec.build(), "guarded", "/guarded")
+    yield deploy(spec.build(), "guarded", "/guarded")
+    from ray import serve
+
+    serve.delete("guarded")
 
 
 @pytest.mark.parametrize("header", [None, "Bearer wrong-key-0123456789abcdef", f"Basic {KEY}", "Bearer"])

@@ -24,7 +24,10 @@ def slow(deploy, serve_instance):
         warmup=WarmupSpec(cover_max_input=False, min_rounds=1, max_rounds=1),
     )
     deploy(spec.build(), "slow", "/slow")
-    return serve_instance + "/slow"
+    yield serve_instance + "/slow"
+    from ray import serve
+
+    serve.delete("slow")
 
 
 def occupy(pool, url):

@@ -38,9 +38,21 @@ def embed_spec(name, replicas=None, **kw):
     )
 
 
-def test_new_replica_gets_no_request_before_warm_up_finished(deploy, serve_instance):
+@pytest.fixture
+def cleanup():
+    """Names of apps a test created; deleted afterwards even if the test failed."""
     from ray import serve
 
+    names: list[str] = []
+    yield names
+    for name in names:
+        serve.delete(name)
+
+
+def test_new_replica_gets_no_request_before_warm_up_finished(deploy, serve_instance, cleanup):
+    from ray import serve
+
+    cleanup.append("scaled")
     # Serve's autoscaler adds the second replica when steady load exceeds one replica's target.
     scaling = AutoscalingSpec(
         min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=0, downscale_delay_s=600
@@ -87,12 +99,12 @@ def test_new_replica_gets_no_request_before_warm_up_finished(deploy, serve_insta
     # And from the client's side: the new replica's first answer came after its ready time.
     first_new = min(t for t, rep in served if rep == new)
     assert first_new >= ready["ready_at_s"]
-    serve.delete("scaled")
 
 
-def test_stalled_request_path_fails_health_and_serve_replaces_the_replica(deploy, serve_instance):
+def test_stalled_request_path_fails_health_and_serve_replaces_the_replica(deploy, serve_instance, cleanup):
     from ray import serve
 
+    cleanup.append("stalling")
     spec = embed_spec(
         "stalling",
         1,
@@ -140,7 +152,6 @@ def test_stalled_request_path_fails_health_and_serve_replaces_the_replica(deploy
         time.sleep(1)
     if not saw_503:
         pytest.fail("/health never reported the stall before the replica was replaced")
-    serve.delete("stalling")
 
 
 def test_lifecycle_metrics_reach_prometheus_format(embeddings_client, metrics_port):
@@ -159,10 +170,11 @@ def test_lifecycle_metrics_reach_prometheus_format(embeddings_client, metrics_po
         assert 'deployment="minilm"' in rows[0] and float(rows[0].rsplit(" ", 1)[1]) > 0
 
 
-def test_warm_up_failure_fails_the_deployment_clearly_without_a_retry_storm(serve_instance):
+def test_warm_up_failure_fails_the_deployment_clearly_without_a_retry_storm(serve_instance, cleanup):
     import ray
     from ray import serve
 
+    cleanup.append("badwarm")
     spec = embed_spec("badwarm", 1, task="tests.integration.stall_task:FailingWarmupTask")
     with pytest.raises(RuntimeError, match="Deploying application badwarm failed"):
         serve.run(spec.build(), name="badwarm", route_prefix="/badwarm", blocking=False)
@@ -172,4 +184,3 @@ def test_warm_up_failure_fails_the_deployment_clearly_without_a_retry_storm(serv
     logs = ray._private.worker.global_worker.node.get_logs_dir_path()
     attempts = glob.glob(os.path.join(logs, "serve", "replica_badwarm_badwarm_*.log"))
     assert 1 <= len(attempts) <= 4, f"{len(attempts)} constructor attempts: a retry storm"
-    serve.delete("badwarm")
