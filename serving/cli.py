@@ -9,6 +9,7 @@ importable).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Optional, Sequence
@@ -26,10 +27,8 @@ def _cmd_run(args: argparse.Namespace, passthrough: list[str]) -> int:
     argv = ["run", *passthrough, args.target]
     if "--app-dir" not in passthrough and "-d" not in passthrough:
         argv[1:1] = ["--app-dir", "."]
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         serve_cli.main(args=argv, prog_name="gpuserve run", standalone_mode=False)
-    except KeyboardInterrupt:
-        return 0
     return 0
 
 

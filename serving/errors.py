@@ -16,6 +16,7 @@ from typing import Any, Optional
 __all__ = [
     "GpuserveError",
     "InvalidRequest",
+    "MethodNotAllowed",
     "ModelNotFound",
     "ModelNotReady",
     "NotFound",
@@ -59,6 +60,10 @@ class NotFound(InvalidRequest):
     """No such route on this deployment."""
 
 
+class MethodNotAllowed(InvalidRequest):
+    """The route exists but not for this HTTP method."""
+
+
 class ModelNotFound(NotFound):
     """The request names a model this deployment does not serve."""
 
@@ -92,6 +97,7 @@ class Overloaded(GpuserveError):
 # first isinstance match wins.
 _STATUS_TABLE: tuple[tuple[type[GpuserveError], int], ...] = (
     (PayloadTooLarge, 413),
+    (MethodNotAllowed, 405),
     (ModelNotFound, 404),
     (NotFound, 404),
     (InvalidRequest, 400),

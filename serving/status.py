@@ -204,7 +204,3 @@ def status() -> list[DeploymentReport]:
     """``explain`` over the connected cluster: the Python form of `gpuserve status`."""
     return explain(*collect())
 
-
-def pending_by_pool(reports: list[DeploymentReport]) -> dict[tuple[str, str], int]:
-    """Pending replicas per (deployment, pool), for the metric."""
-    return {(r.name, r.pool or ""): r.pending for r in reports}

@@ -163,7 +163,7 @@ def ensure_cached(
     Raises:
         FileNotFoundError: the entry is absent or corrupt and the source cannot be read.
     """
-    entry = Path(cache_dir).expanduser() / _key_or_none(source, cache_dir)
+    entry = Path(cache_dir).expanduser() / _entry_name(source, cache_dir)
     if entry.is_dir():
         try:
             verify_entry(entry, verify)
@@ -173,7 +173,7 @@ def ensure_cached(
     return prefetch(source, cache_dir)
 
 
-def _key_or_none(source: str, cache_dir: Union[str, Path]) -> str:
+def _entry_name(source: str, cache_dir: Union[str, Path]) -> str:
     try:
         return cache_key(source)
     except FileNotFoundError:

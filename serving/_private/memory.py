@@ -68,9 +68,7 @@ class ProcessRssProbe:
                 f.write("5")  # 5: reset the peak RSS (VmHWM) to the current RSS
             _status_kib("VmHWM")
             return True
-        except OSError:
-            return False
-        except KeyError:
+        except (OSError, KeyError):
             return False
 
     def reset_peak(self) -> None:

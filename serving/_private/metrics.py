@@ -7,6 +7,7 @@ through ``record_lifecycle``.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Optional
 
 # Ray stops exporting a gauge value that is not set again within a few tens of
@@ -65,12 +66,11 @@ def record_lifecycle(
             g[key].set(value, tags)
 
     def _refresh_forever() -> None:
-        while not _stop.wait(REFRESH_PERIOD_S):
+        # A daemon thread: it ends with the replica process.
+        while True:
+            time.sleep(REFRESH_PERIOD_S)
             _record()
 
     _record()
     threading.Thread(target=_refresh_forever, name="gpuserve-metrics", daemon=True).start()
 
-
-# Set only by tests that construct replicas in-process; a replica process just exits.
-_stop = threading.Event()

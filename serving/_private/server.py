@@ -29,7 +29,7 @@ from serving._private.metrics import record_lifecycle
 from serving._private.registry import resolve_task
 from serving._private.warmup import WarmupReport, derive_stall_after_s, plan_shapes, run_warmup
 from serving._private.watchdog import StallWatchdog
-from serving.errors import GpuserveError, InvalidRequest, ModelNotReady, NotFound, Unauthorized, error_body
+from serving.errors import GpuserveError, MethodNotAllowed, ModelNotReady, NotFound, Unauthorized, error_body
 from serving.spec import ModelDeployment
 
 # Serve writes the "ray.serve" logger into each replica's own log file, with the replica id.
@@ -44,16 +44,12 @@ api = FastAPI(title="gpuserve", description="OpenAI-compatible model serving on 
 @api.exception_handler(StarletteHTTPException)
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     # Unknown paths and wrong methods get OpenAI's error shape, like every other error.
+    err: GpuserveError
     if exc.status_code == 405:
-        err: GpuserveError = InvalidRequest(
-            f"method {request.method} is not allowed on {request.url.path}", code="method_not_allowed"
-        )
-        resp = error_response(err)
-        resp.status_code = 405
-        return resp
-    return error_response(
-        NotFound(f"no route {request.method} {request.url.path}; see /v1/models", code="not_found")
-    )
+        err = MethodNotAllowed(f"method {request.method} is not allowed on {request.url.path}", code="method_not_allowed")
+    else:
+        err = NotFound(f"no route {request.method} {request.url.path}; see /v1/models", code="not_found")
+    return error_response(err)
 
 
 def _replica_id() -> str:

@@ -11,32 +11,21 @@ import inspect
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from serving.pools import NodePool, ServingSpec, Taint
-from serving.spec import (
-    AuthSpec,
-    AutoscalingSpec,
-    BatchingSpec,
-    HealthSpec,
-    ModelDeployment,
-    ModelSource,
-    QueueSpec,
-    Resources,
-    WarmupSpec,
-)
+from serving import pools, spec
 
 _MODELS: list[type[BaseModel]] = [
-    ModelDeployment,
-    ModelSource,
-    Resources,
-    AutoscalingSpec,
-    QueueSpec,
-    WarmupSpec,
-    HealthSpec,
-    BatchingSpec,
-    AuthSpec,
-    ServingSpec,
-    NodePool,
-    Taint,
+    spec.ModelDeployment,
+    spec.ModelSource,
+    spec.Resources,
+    spec.AutoscalingSpec,
+    spec.QueueSpec,
+    spec.WarmupSpec,
+    spec.HealthSpec,
+    spec.BatchingSpec,
+    spec.AuthSpec,
+    pools.ServingSpec,
+    pools.NodePool,
+    pools.Taint,
 ]
 
 

@@ -46,8 +46,8 @@ def deploy(serve_instance):
     clients = []
 
     def _deploy(app, name: str, route_prefix: str) -> httpx.Client:
+        # serve.run returns once the app is RUNNING and raises if it fails to deploy.
         serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
-        _wait_running(name)
         client = httpx.Client(base_url=serve_instance + route_prefix, timeout=60)
         clients.append(client)
         return client
@@ -55,22 +55,6 @@ def deploy(serve_instance):
     yield _deploy
     for c in clients:
         c.close()
-
-
-def _wait_running(name: str, timeout_s: float = 180) -> None:
-    import time
-
-    from ray import serve
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        app = serve.status().applications.get(name)
-        if app is not None and app.status == "RUNNING":
-            return
-        if app is not None and app.status == "DEPLOY_FAILED":
-            raise RuntimeError(f"app {name} failed to deploy: {app.message}")
-        time.sleep(0.5)
-    raise TimeoutError(f"app {name} not RUNNING after {timeout_s}s")
 
 
 @pytest.fixture(scope="session")

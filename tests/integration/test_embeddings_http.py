@@ -30,7 +30,7 @@ def test_single_string_input(embeddings_client):
     assert vectors(embeddings_client.post("/v1/embeddings", json={"input": "hello"})).shape == (1, 384)
 
 
-def test_concurrent_requests_are_batched_and_each_answered_correctly(embeddings_client):
+def test_concurrent_requests_are_each_answered_correctly(embeddings_client):
     texts = [f"sentence number {i} about topic {i % 3}" for i in range(24)]
     solo = {t: vectors(embeddings_client.post("/v1/embeddings", json={"input": t}))[0] for t in texts[:3]}
     with cf.ThreadPoolExecutor(12) as pool:

@@ -88,6 +88,18 @@ def test_cancel_stops_generation_early(task):
     assert len(rest) < 150
 
 
+def test_cancel_reaches_generate(task):
+    # The tiny model emits no spaces, so its streamer yields only at the end and the test above
+    # cannot tell a working cancel from a broken one; the generated-token count can.
+    cancel, stats = threading.Event(), {}
+    cancel.set()
+    list(task.lm.stream("Once", 200, 0.0, 1.0, cancel, stats))
+    assert stats["new_tokens"] <= 2
+    full = {}
+    list(task.lm.stream("Once", 20, 0.0, 1.0, threading.Event(), full))
+    assert full["new_tokens"] == 20 or full["ended_on_eos"]
+
+
 @pytest.mark.parametrize(
     "body,code",
     [
