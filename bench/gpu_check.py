@@ -12,6 +12,9 @@ device tool's README for carrying wheels in .whl/). Prints one JSON object:
   side by side, with the GPU/CPU ratio;
 * ``warmup``: the warm-up report on CUDA: rounds to stable latency and the allocator-measured memory envelope;
 * ``generation``: the tiny random LM on CUDA, greedy batched output equal to streamed output;
+* ``memory``: raw figures for the GPU-memory issue: NVML vs ``torch.cuda.mem_get_info`` on used/total bytes,
+  the warm-up envelope's largest peak vs the peak under a 2x batch spike, and whether an out-of-memory error
+  forced by capping the allocator is recovered by freeing the cache and splitting the batch (every item answered);
 * ``pytest``: the exit code of ``pytest tests/gpu`` in the same call.
 """
 
@@ -43,6 +46,79 @@ def _throughput(task, texts, batch: int, seconds: float = 3.0) -> float:
     if task.device == "cuda":
         torch.cuda.synchronize()
     return n / (time.perf_counter() - t0)
+
+
+def _nvml_used_total() -> tuple[int, int]:
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0))
+        return int(info.used), int(info.total)
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _run_split(task, items: list, stats: dict) -> int:
+    """Run items; on CUDA OOM free the cache and retry each half. Returns how many items got an answer."""
+    import torch
+
+    try:
+        return len(task.run_batch(items))
+    except torch.OutOfMemoryError:
+        stats["ooms"] += 1
+    # Retry only after leaving the except block: the live exception's traceback pins the failed attempt's
+    # activations, so freeing the cache inside the handler frees nothing and every half fails too.
+    torch.cuda.empty_cache()
+    if len(items) == 1:
+        return 0
+    mid = len(items) // 2
+    return _run_split(task, items[:mid], stats) + _run_split(task, items[mid:], stats)
+
+
+def _memory_checks(task, report) -> dict:
+    import torch
+
+    mem: dict = {}
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    used_nvml, total_nvml = _nvml_used_total()
+    mem["nvml_vs_torch"] = {
+        "total_bytes": [total_nvml, total],
+        "used_bytes": [used_nvml, total - free],
+        "used_abs_diff_bytes": abs(used_nvml - (total - free)),
+    }
+    item = task.warmup_items([task.synthetic_input(task.max_input_tokens_for_warmup())])[0]
+    base = task.spec.batching.max_batch_size
+    env_peak = max(r["peak_bytes"] for r in report.envelope())
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    task.run_batch([item] * (2 * base))
+    mem["spike_2x_batch"] = {
+        "envelope_max_peak_bytes": env_peak,
+        "peak_at_2x_batch_bytes": torch.cuda.max_memory_allocated(),
+        "ratio": round(torch.cuda.max_memory_allocated() / env_peak, 2),
+    }
+    # Force a real OOM: cap this process's allocator twice the warm-up envelope above what it holds, then offer
+    # 64x the batch.
+    torch.cuda.empty_cache()
+    # The cap applies to reserved memory (what the caching allocator holds), so it is set from that.
+    cap = min(0.95, (torch.cuda.memory_reserved() + 2 * env_peak) / total)
+    torch.cuda.set_per_process_memory_fraction(cap)
+    stats = {"ooms": 0}
+    n = 64 * base
+    t0 = time.perf_counter()
+    answered = _run_split(task, [item] * n, stats)
+    mem["oom_recovery"] = {
+        "cap_fraction": round(cap, 5),
+        "items": n,
+        "answered": answered,
+        "ooms_caught": stats["ooms"],
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    torch.cuda.empty_cache()
+    return mem
 
 
 def main() -> None:
@@ -97,8 +173,11 @@ def main() -> None:
             c["choices"][0]["text"] for c in lm.stream(lm.parse("completions", {**req, "stream": True}), threading.Event())
         )
         out["generation"] = {"device": lm.device, "stream_equals_batch": streamed == full}
+    out["memory"] = _memory_checks(gpu, report)
     out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
-    out["pytest"] = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/gpu"], cwd=ROOT).returncode
+    out["pytest"] = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "tests/gpu"], cwd=ROOT, stdout=sys.stderr
+    ).returncode
     print(json.dumps(out, indent=2))
 
 
