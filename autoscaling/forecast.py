@@ -1,0 +1,179 @@
+"""Online forecasting of the arrival rate, its error, and the pool's lead time; pure functions over a dict.
+
+Everything here keeps its memory in a plain dict (JSON-serialisable) so that the state can live in
+Ray Serve's policy state and survive being copied; nothing reads a clock.
+
+* Level and trend: Holt's linear smoothing over the observed rate, trend damped and per second.
+* Daily profile: the mean rate per time-of-day bin, each bin updated once per day it is seen (EWMA
+  across days). Once both the present bin and the bin at ``now + h`` have been seen, the forecast is
+  the profile at ``now + h`` scaled by how today's level compares with the profile now.
+* Error: the forecast made one horizon ago is compared with what arrived; a ring buffer of
+  actual/forecast ratios gives an upper quantile to size with.
+* Lead time: an upper quantile of observed start-ups, with the configured prior counted as one
+  observation so a single fast start cannot shrink the horizon.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The q-quantile of ``values`` (nearest rank, upper), or 0.0 when empty."""
+    if not values:
+        return 0.0
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, int(q * len(s) + 0.999999) - 1))
+    return s[k]
+
+
+@dataclass(frozen=True)
+class ForecastParams:
+    """Forecaster settings (defaults explained in docs/autoscaling.md).
+
+    Attributes:
+        level_alpha: Smoothing of the level per update (updates come every policy interval).
+        trend_beta: Smoothing of the trend.
+        trend_damping_s: The trend's effect fades with this time constant over the horizon.
+        season_s: Length of a season (a day).
+        season_bins: Bins per season.
+        season_weight: Weight of the newest day in a bin's EWMA across days.
+        error_quantile: Quantile of actual/forecast ratios to size with.
+        error_window: Ratios kept.
+        warmup_updates: Updates before the trend and the error ratios are trusted.
+    """
+
+    level_alpha: float = 0.3
+    trend_beta: float = 0.05
+    trend_damping_s: float = 600.0
+    season_s: float = 86400.0
+    season_bins: int = 144
+    season_weight: float = 0.5
+    error_quantile: float = 0.9
+    error_window: int = 360
+    warmup_updates: int = 12
+    combine: str = "max"
+
+
+def _bin(p: ForecastParams, t_s: float) -> int:
+    return int((t_s % p.season_s) / p.season_s * p.season_bins) % p.season_bins
+
+
+def _profile_at(p: ForecastParams, profile: list[float | None], t_s: float) -> float | None:
+    """The profile at ``t_s``, interpolated linearly between neighbouring bin centres."""
+    width = p.season_s / p.season_bins
+    x = (t_s % p.season_s) / width - 0.5
+    i0 = int(x // 1) % p.season_bins
+    i1 = (i0 + 1) % p.season_bins
+    a, b = profile[i0], profile[i1]
+    if a is None or b is None:
+        return a if b is None else b
+    f = x - (x // 1)
+    return a * (1 - f) + b * f
+
+
+def update(p: ForecastParams, state: dict[str, Any], now_s: float, rate_per_s: float) -> dict[str, Any]:
+    """Fold one observation (the rate since the previous update) into the state; returns the new state."""
+    st = dict(state)
+    level, trend, last_t = st.get("level"), st.get("trend", 0.0), st.get("t")
+    st["n"] = st.get("n", 0) + 1
+    if level is None or last_t is None:
+        st.update(level=rate_per_s, trend=0.0, t=now_s)
+    else:
+        dt = max(now_s - last_t, 1e-6)
+        new_level = p.level_alpha * rate_per_s + (1 - p.level_alpha) * (level + trend * dt)
+        st["trend"] = p.trend_beta * (new_level - level) / dt + (1 - p.trend_beta) * trend
+        st["level"], st["t"] = new_level, now_s
+    # Daily profile: accumulate the current bin; fold it in when the bin changes.
+    profile = list(st.get("profile") or [None] * p.season_bins)
+    b = _bin(p, now_s)
+    acc_bin, acc_sum, acc_n = st.get("acc_bin"), st.get("acc_sum", 0.0), st.get("acc_n", 0)
+    if acc_bin is not None and acc_bin != b and acc_n:
+        mean = acc_sum / acc_n
+        old = profile[acc_bin]
+        profile[acc_bin] = mean if old is None else (1 - p.season_weight) * old + p.season_weight * mean
+        acc_sum, acc_n = 0.0, 0
+    st["acc_bin"], st["acc_sum"], st["acc_n"] = b, acc_sum + rate_per_s, acc_n + 1
+    st["profile"] = profile
+    return st
+
+
+def forecast(p: ForecastParams, state: dict[str, Any], now_s: float, horizon_s: float) -> float:
+    """The expected rate at ``now_s + horizon_s`` (never negative)."""
+    level = state.get("level")
+    if level is None:
+        return 0.0
+    trend = state.get("trend", 0.0)
+    damp = p.trend_damping_s
+    # Damped trend: the effect of the trend saturates at trend * damping_s; until a few updates have
+    # been seen the trend is noise, and even then it may move the forecast by at most half the level.
+    if state.get("n", 0) < p.warmup_updates:
+        trend = 0.0
+    lift = trend * damp * (1 - math.exp(-horizon_s / damp))
+    holt = level + min(0.5 * level, max(-0.5 * level, lift))
+    profile = state.get("profile")
+    if profile:
+        now_p = _profile_at(p, profile, now_s)
+        then_p = _profile_at(p, profile, now_s + horizon_s)
+        if now_p and then_p is not None and now_p > 0:
+            ratio = min(2.0, max(0.5, level / now_p))
+            # Either model may be the one that sees the change coming: a new surge shows in the trend,
+            # the evening peak in the profile. Size for the higher.
+            seasonal = then_p * ratio
+            if p.combine == "season":
+                return max(0.0, seasonal)
+            return max(0.0, seasonal, holt)
+    return max(0.0, holt)
+
+
+def peak_forecast(p: ForecastParams, state: dict[str, Any], now_s: float, horizon_s: float, steps: int = 6) -> float:
+    """The highest forecast over ``[now, now + horizon]`` (capacity asked for now serves all of it)."""
+    return max(forecast(p, state, now_s, horizon_s * i / steps) for i in range(steps + 1))
+
+
+def track_error(
+    p: ForecastParams, state: dict[str, Any], now_s: float, observed_per_s: float, predicted_per_s: float, horizon_s: float
+) -> dict[str, Any]:
+    """Score forecasts that have come due against ``observed_per_s``; remember this one for later.
+
+    Callers pass a smoothed observation (the level): per-interval counting noise is what the
+    utilisation headroom absorbs; the factor is for the forecast being wrong.
+    """
+    st = dict(state)
+    pending = [tuple(x) for x in st.get("pending", [])]
+    ratios = list(st.get("ratios", []))
+    keep = []
+    for due_s, pred in pending:
+        if due_s <= now_s:
+            if pred > 0 and st.get("n", 0) > 2 * p.warmup_updates:
+                ratios.append(observed_per_s / pred)
+        else:
+            keep.append((due_s, pred))
+    keep.append((now_s + horizon_s, predicted_per_s))
+    st["pending"] = keep
+    st["ratios"] = ratios[-p.error_window :]
+    return st
+
+
+def error_factor(p: ForecastParams, state: dict[str, Any], floor: float = 1.0, cap: float = 2.0) -> float:
+    """The upper-quantile actual/forecast ratio seen so far, within ``[floor, cap]``."""
+    ratios = state.get("ratios") or []
+    if len(ratios) < 10:
+        return floor
+    return min(cap, max(floor, quantile(ratios, p.error_quantile)))
+
+
+def learn_lead_time(state: dict[str, Any], key: str, observed_s: tuple[float, ...], keep: int = 20) -> dict[str, Any]:
+    """Remember observed start-up durations under ``key`` (most recent ``keep``)."""
+    if not observed_s:
+        return state
+    st = dict(state)
+    st[key] = (list(st.get(key, [])) + [float(x) for x in observed_s])[-keep:]
+    return st
+
+
+def lead_time_s(state: dict[str, Any], key: str, prior_s: float, q: float = 0.9) -> float:
+    """Upper quantile of the observed start-ups under ``key``, the prior counted as one observation."""
+    return quantile(list(state.get(key, [])) + [prior_s], q)

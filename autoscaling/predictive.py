@@ -1,0 +1,134 @@
+"""The predictive policy: size for the forecast at the pool's lead time, keep a reactive floor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from autoscaling import forecast as fc
+from autoscaling.policy import Decision, Guardrail, PolicyContext, ceil_replicas, register, replicas_staffed
+
+
+@dataclass
+class PredictivePolicy:
+    """Forecast-driven, lead-time-aware scaling for a GPU pool.
+
+    At each decision:
+
+    1. fold the observed rate into the forecaster (level, trend, daily profile) and score the
+       forecast made one lead time ago (actual/forecast ratios → an upper-quantile factor);
+    2. learn the lead times from observed start-ups (node provisioning and replica load are learned
+       apart, each starting from its prior);
+    3. replicas = what the highest forecast over the next replica lead time needs, times the error
+       factor, at ``utilization``; never below the reactive floor (what the rate seen now and the
+       requests in flight need);
+    4. nodes = the same over the longer node + replica lead time, so nodes are asked for before
+       the replicas that will need them (``pre_provision``), and released when the forecast falls;
+    5. while bursting (arrivals above the forecast, or a queue), never scale down;
+    6. the :class:`Guardrail` applies bounds, the scale-down delay and the cooldown after a scale-up.
+
+    Attributes:
+        utilization: The highest fraction of slots to plan to use, however large the pool.
+        headroom_beta: Spare slots as ``beta * sqrt(load)`` (square-root staffing; see
+            :func:`~autoscaling.policy.replicas_staffed`).
+        replica_lead_prior_s: Prior for replica load + warm-up on a ready node.
+        node_lead_prior_s: Prior for GPU node provisioning (node, drivers, image).
+        pre_provision: Ask for nodes ahead of replicas.
+        burst_tolerance: Arrivals more than this fraction above the forecast count as a burst.
+        interval_s: How often to decide.
+        forecast: Forecaster settings.
+        guardrail: Bounds and cooldowns.
+    """
+
+    utilization: float = 0.95
+    headroom_beta: float = 2.0
+    replica_lead_prior_s: float = 60.0
+    node_lead_prior_s: float = 300.0
+    pre_provision: bool = True
+    burst_tolerance: float = 0.2
+    interval_s: float = 10.0
+    smooth_floor: bool = True
+    forecast: fc.ForecastParams = field(default_factory=fc.ForecastParams)
+    guardrail: Guardrail = field(default_factory=Guardrail)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.utilization <= 1:
+            raise ValueError(f"utilization ({self.utilization}) must be in (0, 1]; e.g. 0.8")
+
+    def horizons_s(self, state: dict[str, Any]) -> tuple[float, float]:
+        """(replica lead, node + replica lead) as learned so far."""
+        rep = fc.lead_time_s(state, "replica_leads", self.replica_lead_prior_s)
+        node = fc.lead_time_s(state, "node_leads", self.node_lead_prior_s)
+        return rep + self.interval_s, node + rep + self.interval_s
+
+    def decide(self, ctx: PolicyContext, state: dict[str, Any]) -> tuple[Decision, dict[str, Any]]:
+        st = dict(state)
+        st = fc.learn_lead_time(st, "replica_leads", ctx.startup_s)
+        st = fc.learn_lead_time(st, "node_leads", ctx.node_startup_s)
+        h_rep, h_node = self.horizons_s(st)
+        f = self.forecast
+        fstate = fc.update(f, st.get("forecast", {}), ctx.now_s, ctx.arrivals_per_s)
+        expected_now = fc.forecast(f, st.get("forecast", {}), ctx.now_s, 0.0) if st.get("forecast") else ctx.arrivals_per_s
+        fstate = fc.track_error(f, fstate, ctx.now_s, fstate["level"], fc.forecast(f, fstate, ctx.now_s, h_rep), h_rep)
+        st["forecast"] = fstate
+        factor = fc.error_factor(f, fstate)
+        work, slots = ctx.work_s_per_request, ctx.slots_per_replica
+
+        def size(rate: float) -> float:
+            return replicas_staffed(rate, work, slots, self.headroom_beta, self.utilization)
+
+        # Without node pre-provisioning a new replica may wait for a node, so it must be asked for
+        # a whole node + replica lead ahead.
+        h_ask = h_rep if self.pre_provision else h_node
+        rate_rep = fc.peak_forecast(f, fstate, ctx.now_s, h_ask) * factor
+        need = size(rate_rep)
+        # A burst is arrivals above the forecast by more than the tolerance plus counting noise
+        # (three standard deviations of a Poisson count over one interval), or a queue.
+        noise = 3.0 / max(1.0, expected_now * self.interval_s) ** 0.5
+        surge = ctx.arrivals_per_s > expected_now * (1 + self.burst_tolerance + noise)
+        bursting = ctx.queued_requests >= 1 or surge
+        # Reactive floor: what arrives now and what is in flight now, whatever the forecast says.
+        # Normally the rate is taken smoothed (the level): second-to-second noise is what the
+        # headroom and the queue absorb. In a surge the raw rate is used at once: the level would
+        # take several intervals to catch up, and every interval lost is added to a node's lead.
+        seen = max(fstate["level"], ctx.arrivals_per_s) if (surge or not self.smooth_floor) else fstate["level"]
+        running = max(0.0, ctx.ongoing_requests - ctx.queued_requests)
+        floor = max(size(seen), size(running / work) if work > 0 else 0.0)
+        # A backlog is not concurrency: it needs the capacity to drain it within the replica lead
+        # time (sooner no new replica can help), not one slot per queued request.
+        floor += ctx.queued_requests / h_rep * work / slots
+        wanted = ceil_replicas(max(need, floor))
+        if bursting:
+            wanted = max(wanted, ctx.replicas)
+        # Consolidation: one replica fewer must still carry the peak of the window at full planned use.
+        if wanted < ctx.replicas and need > ctx.replicas - 1:
+            wanted = ctx.replicas
+        replicas, gstate, action = self.guardrail.apply(ctx, wanted, st.get("guard", {}))
+        st["guard"] = gstate
+        nodes = None
+        if self.pre_provision:
+            rate_node = fc.peak_forecast(f, fstate, ctx.now_s, h_node) * factor
+            nodes = max(replicas, ceil_replicas(size(rate_node)))
+            nodes = min(nodes, ctx.max_replicas)
+        reason = (
+            f"{action}: forecast {rate_rep:.1f}/s over {h_ask:.0f}s (x{factor:.2f}) needs {need:.1f}, "
+            f"floor {floor:.1f}{', bursting' if bursting else ''}"
+        )
+        return Decision(replicas=replicas, nodes=nodes, reason=reason), st
+
+
+@register("predictive")
+def _predictive(**params: Any) -> PredictivePolicy:
+    fparams = {k[len("forecast_") :]: params.pop(k) for k in list(params) if k.startswith("forecast_")}
+    gparams = {k: params.pop(k) for k in ("downscale_delay_s", "cooldown_after_up_s", "max_down_step") if k in params}
+    policy = PredictivePolicy(**params)
+    if fparams:
+        policy.forecast = fc.ForecastParams(**fparams)
+    if gparams:
+        base = policy.guardrail
+        policy.guardrail = Guardrail(
+            downscale_delay_s=gparams.get("downscale_delay_s", base.downscale_delay_s),
+            cooldown_after_up_s=gparams.get("cooldown_after_up_s", base.cooldown_after_up_s),
+            max_down_step=gparams.get("max_down_step", base.max_down_step),
+        )
+    return policy
