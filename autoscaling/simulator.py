@@ -14,6 +14,8 @@ The model:
   ``prefill_s_per_token * input + decode_s_per_token * output`` where the trace has tokens, else
   ``service_time_s``. The SLO is on time to first token: queue wait + prefill ≤ ``slo_s``.
   Rejected and expired requests count as misses.
+* **Start**: the pool starts with what the first five minutes need at ``initial_utilization``, and
+  policies take over after ``hold_s`` (the system fills from empty first); the same for every policy.
 * **Two engines**: per-request (event-driven, exact times) for request traces; fluid (per-second
   counts, FIFO cohorts, 1-second resolution for waits) for rate traces.
 """
@@ -55,6 +57,7 @@ class SimConfig:
     seed: int = 0
     timeline_step_s: float = 60.0
     max_window_cv: float = 4.0
+    hold_s: float = 120.0
 
     def __post_init__(self) -> None:
         lo, hi = self.provision_delay_s
@@ -217,8 +220,9 @@ class _Controller:
     def __init__(self, policy: Policy, pool: Pool, cfg: SimConfig, max_replicas: int):
         self.policy, self.pool, self.cfg, self.max_replicas = policy, pool, cfg, max_replicas
         self.state: dict[str, Any] = {}
-        # The first decision comes one interval in, with an interval's worth of observations.
-        self.next_s = policy.interval_s
+        # Policies take over once the system has filled from empty (in-flight counts start at zero,
+        # which every concurrency-driven policy would read as idle); the same for every policy.
+        self.next_s = max(cfg.hold_s, policy.interval_s)
         self.last_s = 0.0
         self.arrivals = 0.0
         self.work_s = 0.0

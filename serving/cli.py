@@ -115,6 +115,9 @@ def _build_parser() -> argparse.ArgumentParser:
     st.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default loopback)")
     st.add_argument("--interval-s", type=float, default=10.0, help="refresh period with --metrics-port")
     st.set_defaults(func=_cmd_status)
+    from autoscaling.cli import add_parser as add_simulate
+
+    add_simulate(sub)
     return parser
 
 

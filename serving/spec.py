@@ -178,21 +178,55 @@ class AutoscalingSpec(_Spec):
     )
     policy: Optional[str] = Field(
         default=None,
-        description="Import path 'module:function' of a custom Ray Serve autoscaling policy; "
-        "None uses Ray Serve's default.",
+        description="A gpuserve policy by name ('predictive', 'hpa', 'kpa'; 'ray_default' or None: Ray Serve's "
+        "default) or the import path 'module:function' of a custom Ray Serve autoscaling policy.",
+    )
+    policy_params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Parameters of a named gpuserve policy, e.g. {'headroom_beta': 1.5, 'node_lead_prior_s': 240}.",
     )
 
     @field_validator("policy")
     @classmethod
-    def _policy_import_path(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and not _IMPORT_PATH_RE.match(v):
+    def _policy_name_or_path(cls, v: Optional[str]) -> Optional[str]:
+        if v is None or _IMPORT_PATH_RE.match(v):
+            return v
+        from autoscaling.policy import policy_names
+
+        deployable = [n for n in policy_names() if n != "oracle"]
+        if v == "oracle":
+            raise ValueError("autoscaling.policy ('oracle') needs future arrivals and runs only in the simulator")
+        if v not in deployable:
             raise ValueError(
-                f"autoscaling.policy ({v!r}) must be an import path 'package.module:function'"
+                f"autoscaling.policy ({v!r}) is neither a gpuserve policy ({', '.join(deployable)}) "
+                "nor an import path 'package.module:function'"
             )
         return v
 
+    @property
+    def gpuserve_policy(self) -> Optional[str]:
+        """The named gpuserve policy this spec runs through the Ray adapter, if any."""
+        if self.policy is None or self.policy == "ray_default" or _IMPORT_PATH_RE.match(self.policy):
+            return None
+        return self.policy
+
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingSpec":
+        if self.policy_params and self.gpuserve_policy is None:
+            raise ValueError(
+                f"autoscaling.policy_params ({self.policy_params}) apply only to a named gpuserve policy; "
+                f"autoscaling.policy is {self.policy!r}"
+            )
+        if self.gpuserve_policy is not None:
+            import json
+
+            from autoscaling.policy import make_policy
+
+            try:
+                json.dumps(self.policy_params)
+                make_policy(self.gpuserve_policy, **self.policy_params)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"autoscaling.policy_params: {e}") from None
         if self.max_replicas < self.min_replicas:
             raise ValueError(
                 f"autoscaling.max_replicas ({self.max_replicas}) must be >= autoscaling.min_replicas "

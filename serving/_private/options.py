@@ -17,6 +17,29 @@ if TYPE_CHECKING:
 MAX_CONSTRUCTOR_RETRY_COUNT = 3
 
 
+GPUSERVE_POLICY = "autoscaling.ray_policy:GpuservePolicy"
+
+
+def _policy_kwargs(spec: ModelDeployment, pool: Optional["NodePool"]) -> dict[str, Any]:
+    """Ray's ``policy_kwargs`` for the gpuserve policy adapter (JSON-able)."""
+    a = spec.autoscaling
+    assert a is not None and a.gpuserve_policy is not None
+    params = dict(a.policy_params)
+    if a.gpuserve_policy == "predictive":
+        # The spec's scale-down delay is the user's knob; the policy's guardrail applies it.
+        params.setdefault("downscale_delay_s", a.downscale_delay_s)
+    kwargs: dict[str, Any] = {
+        "policy": a.gpuserve_policy,
+        "params": params,
+        "slots_per_replica": spec.queue.max_ongoing_requests,
+    }
+    if spec.resources.gpus > 0 and params.get("pre_provision", True):
+        kwargs["node_bundle"] = {"GPU": float(spec.resources.gpus), "CPU": float(spec.resources.cpus)}
+        if pool is not None:
+            kwargs["node_label_selector"] = pool.ray_selector
+    return kwargs
+
+
 def deployment_options(spec: ModelDeployment, pool: Optional["NodePool"] = None) -> dict[str, Any]:
     """Keyword arguments for ``serve.deployment(...).options(**kw)``.
 
@@ -55,7 +78,13 @@ def deployment_options(spec: ModelDeployment, pool: Optional["NodePool"] = None)
         }
         if a.initial_replicas is not None:
             cfg["initial_replicas"] = a.initial_replicas
-        if a.policy is not None:
+        if a.gpuserve_policy is not None:
+            cfg["policy"] = {"policy_function": GPUSERVE_POLICY, "policy_kwargs": _policy_kwargs(spec, pool)}
+            # The gpuserve policy applies its own scale-down delay and cooldown; Ray's delay logic
+            # on top would double them.
+            cfg["upscale_delay_s"] = 0.0
+            cfg["downscale_delay_s"] = 0.0
+        elif a.policy is not None and a.policy != "ray_default":
             cfg["policy"] = {"policy_function": a.policy}
         opts["autoscaling_config"] = cfg
     else:

@@ -27,6 +27,7 @@ from serving._private.http import error_response, read_json
 from serving._private.memory import probe_for
 from serving._private.metrics import record_lifecycle
 from serving._private.registry import resolve_task
+from serving._private.signals import LoadSignals
 from serving._private.warmup import WarmupReport, derive_stall_after_s, plan_shapes, run_warmup
 from serving._private.watchdog import StallWatchdog
 from serving.errors import GpuserveError, MethodNotAllowed, ModelNotReady, NotFound, Unauthorized, error_body
@@ -121,6 +122,7 @@ class ModelServer:
         self.watchdog = StallWatchdog(derive_stall_after_s(self.spec, self.warmup, self.task.load_s))
         self.time_to_ready_s = time.monotonic() - t_start
         self.ready_at_s = time.time()
+        self.signals = LoadSignals(time.monotonic(), self.time_to_ready_s)
         warmup_s = self.warmup.seconds if self.warmup else 0.0
         record_lifecycle(
             self.spec.name,
@@ -179,7 +181,7 @@ class ModelServer:
         finally:
             self.watchdog.finished(time.monotonic())
 
-    async def _sse(self, item: Any) -> AsyncIterator[bytes]:
+    async def _sse(self, item: Any, t0: float) -> AsyncIterator[bytes]:
         cancel = threading.Event()
         gen = self.task.stream(item, cancel)
         done = object()
@@ -202,6 +204,7 @@ class ModelServer:
             # Client gone or stream over: stop generating either way.
             cancel.set()
             self.watchdog.finished(time.monotonic())
+            self.signals.served(time.monotonic(), time.monotonic() - t0)
         yield b"data: [DONE]\n\n"
 
     def _check_auth(self, request: Request) -> None:
@@ -220,10 +223,13 @@ class ModelServer:
                 )
             body = await read_json(request, self.spec.queue.max_request_body_bytes)
             item = self.task.parse(endpoint, body)
+            t0 = time.monotonic()
+            self.signals.arrival(t0)
             if self.task.wants_stream(item):
-                resp: Response = StreamingResponse(self._sse(item), media_type="text/event-stream")
+                resp: Response = StreamingResponse(self._sse(item, t0), media_type="text/event-stream")
             else:
                 resp = JSONResponse(await self._run(item))
+                self.signals.served(time.monotonic(), time.monotonic() - t0)
         except Exception as e:  # noqa: BLE001 - every error leaves as an OpenAI error body
             resp = error_response(e)
         resp.headers[REPLICA_HEADER] = self.replica_id
@@ -274,6 +280,10 @@ class ModelServer:
             },
             headers={REPLICA_HEADER: self.replica_id},
         )
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve calls this on every metrics push; the values reach the policy as custom metrics."""
+        return self.signals.snapshot(time.monotonic())
 
     def check_health(self) -> None:
         """Serve's liveness probe: raising marks the replica unhealthy and Serve replaces it.

@@ -1,0 +1,102 @@
+"""Ray Serve adapter: run a gpuserve policy as a Ray Serve custom autoscaling policy.
+
+Ray instantiates :class:`GpuservePolicy` once per deployment with ``policy_kwargs`` (the
+``AutoscalingPolicy(policy_function="autoscaling.ray_policy:GpuservePolicy", policy_kwargs=...)``
+that ``serving`` writes for ``autoscaling.policy: predictive``) and calls it every control-loop
+iteration. This module is the edge: it reads the clock, turns Ray's ``AutoscalingContext`` into a
+:class:`~autoscaling.policy.PolicyContext`, calls the pure policy at its own interval, keeps the
+policy's state inside Ray's policy state, and sends node requests.
+
+Signals, from each replica's ``record_autoscaling_stats`` (see ``serving``):
+``gpuserve_arrivals_per_s`` (requests received per second), ``gpuserve_service_s`` (slot-seconds per
+request) and ``gpuserve_startup_s`` (constructor start to ready: the replica lead time learned online).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Optional
+
+from autoscaling import _node_requests
+from autoscaling.policy import PolicyContext, make_policy
+
+ARRIVALS = "gpuserve_arrivals_per_s"
+SERVICE = "gpuserve_service_s"
+STARTUP = "gpuserve_startup_s"
+
+
+class GpuservePolicy:
+    """A gpuserve policy behind Ray Serve's custom-policy interface.
+
+    Args:
+        policy: Registry name (``predictive``, ``hpa``, ``kpa``) or ``module:factory``.
+        params: The policy's parameters.
+        slots_per_replica: The deployment's ``max_ongoing_requests``.
+        node_bundle: Resources of one replica's node share, e.g. ``{"GPU": 1, "CPU": 4}``, for
+            ``request_resources``; None disables node pre-provisioning.
+        node_label_selector: Ray label selector of the pool's nodes for the node requests.
+        default_service_s: Service time assumed until replicas report one.
+    """
+
+    def __init__(
+        self,
+        policy: str = "predictive",
+        params: Optional[dict[str, Any]] = None,
+        slots_per_replica: int = 16,
+        node_bundle: Optional[dict[str, float]] = None,
+        node_label_selector: Optional[dict[str, str]] = None,
+        default_service_s: float = 1.0,
+    ):
+        self.policy = make_policy(policy, **(params or {}))
+        self.slots = slots_per_replica
+        self.node_bundle = node_bundle
+        self.node_label_selector = node_label_selector
+        self.default_service_s = default_service_s
+
+    def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
+        now = ctx.current_time if ctx.current_time is not None else time.time()
+        state = dict(ctx.policy_state or {})
+        g = dict(state.get("gpuserve", {}))
+        if now - g.get("t", -math.inf) < self.policy.interval_s and "replicas" in g:
+            return g["replicas"], state
+        metrics = ctx.aggregated_metrics or {}
+        arrivals = sum(metrics.get(ARRIVALS, {}).values())
+        service = [v for v in metrics.get(SERVICE, {}).values() if v > 0]
+        work = sum(service) / len(service) if service else g.get("work", self.default_service_s)
+        seen = set(g.get("seen", []))
+        startups = []
+        for rid, v in metrics.get(STARTUP, {}).items():
+            key = str(getattr(rid, "unique_id", rid))
+            if key not in seen:
+                seen.add(key)
+                startups.append(float(v))
+        running = ctx.current_num_replicas
+        queued = ctx.total_queued_requests or 0.0
+        pctx = PolicyContext(
+            now_s=now,
+            ready_replicas=running,
+            starting_replicas=max(0, ctx.target_num_replicas - running),
+            min_replicas=ctx.capacity_adjusted_min_replicas,
+            max_replicas=ctx.capacity_adjusted_max_replicas,
+            slots_per_replica=self.slots,
+            arrivals_per_s=arrivals,
+            work_s_per_request=work,
+            ongoing_requests=ctx.total_num_requests,
+            queued_requests=queued,
+            startup_s=tuple(startups),
+        )
+        decision, pstate = self.policy.decide(pctx, g.get("state", {}))
+        if self.node_bundle is not None and decision.nodes is not None:
+            _node_requests.update(str(ctx.deployment_id), decision.nodes, self.node_bundle, self.node_label_selector)
+        state["gpuserve"] = {
+            "t": now,
+            "replicas": decision.replicas,
+            "nodes": decision.nodes,
+            "reason": decision.reason,
+            "work": work,
+            # Replica IDs live as long as the replicas; keep the set from growing without bound.
+            "seen": sorted(seen)[-256:],
+            "state": pstate,
+        }
+        return decision.replicas, state

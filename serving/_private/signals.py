@@ -1,0 +1,43 @@
+"""Per-replica load signals for the autoscaler (Ray Serve's ``record_autoscaling_stats``).
+
+Pure: the caller passes the time, so the windows are tested on a fake clock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from autoscaling.ray_policy import ARRIVALS, SERVICE, STARTUP
+
+
+class LoadSignals:
+    """Arrivals per second and mean service time over a sliding window, plus the replica's start-up time.
+
+    Args:
+        started_s: When the replica began serving (same clock as the calls).
+        startup_s: Constructor start to ready, seconds: the replica lead time the policy learns.
+        window_s: The sliding window.
+    """
+
+    def __init__(self, started_s: float, startup_s: float, window_s: float = 30.0):
+        self.started_s, self.startup_s, self.window_s = started_s, startup_s, window_s
+        self._arrivals: deque[float] = deque()
+        self._service: deque[tuple[float, float]] = deque()
+
+    def arrival(self, now_s: float) -> None:
+        self._arrivals.append(now_s)
+
+    def served(self, now_s: float, service_s: float) -> None:
+        self._service.append((now_s, service_s))
+
+    def snapshot(self, now_s: float) -> dict[str, float]:
+        """The signals as Ray's custom autoscaling metrics (names shared with the policy adapter)."""
+        horizon = now_s - self.window_s
+        while self._arrivals and self._arrivals[0] < horizon:
+            self._arrivals.popleft()
+        while self._service and self._service[0][0] < horizon:
+            self._service.popleft()
+        # A young replica has not seen a whole window yet: divide by what it has seen.
+        span = max(1e-3, min(self.window_s, now_s - self.started_s))
+        mean = sum(s for _, s in self._service) / len(self._service) if self._service else 0.0
+        return {ARRIVALS: len(self._arrivals) / span, SERVICE: mean, STARTUP: self.startup_s}
