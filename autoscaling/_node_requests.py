@@ -32,7 +32,7 @@ def update(
     nodes: int,
     bundle: dict[str, float],
     selector: Optional[dict[str, str]] = None,
-    send: Callable[[list[dict[str, float]], list[dict[str, str]]], None] = _ray_request,
+    send: Optional[Callable[[list[dict[str, float]], list[dict[str, str]]], None]] = None,
 ) -> bool:
     """Hold ``nodes`` bundles for ``key`` (0 releases them); returns True when a new request was sent."""
     global _sent
@@ -50,7 +50,7 @@ def update(
         if [bundles, selectors] == _sent:
             return False
         try:
-            send(bundles, selectors)
+            (send or _ray_request)(bundles, selectors)
         except Exception as e:  # noqa: BLE001 - a failed hint must not stop autoscaling
             logger.warning("gpuserve: request_resources failed: %s", e)
             return False

@@ -24,7 +24,9 @@ class PredictivePolicy:
        requests in flight need);
     4. nodes = the same over the longer node + replica lead time, so nodes are asked for before
        the replicas that will need them (``pre_provision``), and released when the forecast falls;
-    5. while bursting (arrivals above the forecast, or a queue), never scale down;
+    5. while bursting (arrivals above the forecast, or a queue), never scale down; otherwise a
+       scale-down is a consolidation: wanting N-1 means N-1 replicas carry the window's peak
+       forecast at the planned utilisation (the count is the ceiling of that need);
     6. the :class:`Guardrail` applies bounds, the scale-down delay and the cooldown after a scale-up.
 
     Attributes:
@@ -100,9 +102,6 @@ class PredictivePolicy:
         wanted = ceil_replicas(max(need, floor))
         if bursting:
             wanted = max(wanted, ctx.replicas)
-        # Consolidation: one replica fewer must still carry the peak of the window at full planned use.
-        if wanted < ctx.replicas and need > ctx.replicas - 1:
-            wanted = ctx.replicas
         replicas, gstate, action = self.guardrail.apply(ctx, wanted, st.get("guard", {}))
         st["guard"] = gstate
         nodes = None

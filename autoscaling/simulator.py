@@ -58,6 +58,7 @@ class SimConfig:
     timeline_step_s: float = 60.0
     max_window_cv: float = 4.0
     hold_s: float = 120.0
+    initial_replicas: int | None = None
 
     def __post_init__(self) -> None:
         lo, hi = self.provision_delay_s
@@ -88,6 +89,7 @@ class SimResult:
     scale_ups: int
     scale_downs: int
     wall_s: float
+    simulated_s: float
     timeline: dict[str, list[float]] = field(default_factory=dict, repr=False)
 
     def summary(self) -> dict[str, Any]:
@@ -396,11 +398,11 @@ def simulate(
     rng = np.random.default_rng(cfg.seed + 1)
     peak_need = float(prepared.smooth_rate.max()) * prepared.work_s / cfg.slots_per_replica
     max_replicas = cfg.max_replicas or max(cfg.min_replicas, 3 * ceil_replicas(peak_need))
-    first = float(prepared.smooth_rate[: 300].mean())
-    initial = min(
-        max(cfg.min_replicas, ceil_replicas(replicas_for(first, prepared.work_s, cfg.slots_per_replica, cfg.initial_utilization))),
-        max_replicas,
-    )
+    first = float(prepared.smooth_rate[:300].mean())
+    initial = cfg.initial_replicas
+    if initial is None:
+        initial = ceil_replicas(replicas_for(first, prepared.work_s, cfg.slots_per_replica, cfg.initial_utilization))
+    initial = min(max(cfg.min_replicas, initial), max_replicas)
     pool = Pool(cfg, rng, initial)
     if hasattr(policy, "future_rate") and getattr(policy, "future_rate", None) is None:
         policy.future_rate = prepared.future_rate()  # type: ignore[attr-defined]
@@ -428,6 +430,7 @@ def simulate(
         scale_ups=ctl.ups,
         scale_downs=ctl.downs,
         wall_s=round(time.perf_counter() - t0, 3),
+        simulated_s=end_s,
         timeline=timeline,
     )
 

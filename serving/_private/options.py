@@ -28,6 +28,9 @@ def _policy_kwargs(spec: ModelDeployment, pool: Optional["NodePool"]) -> dict[st
     if a.gpuserve_policy == "predictive":
         # The spec's scale-down delay is the user's knob; the policy's guardrail applies it.
         params.setdefault("downscale_delay_s", a.downscale_delay_s)
+        if pool is not None:
+            # What the pool says its nodes take to come up is the prior the policy starts from.
+            params.setdefault("node_lead_prior_s", pool.provisioning_s)
     kwargs: dict[str, Any] = {
         "policy": a.gpuserve_policy,
         "params": params,

