@@ -14,6 +14,7 @@ request) and ``gpuserve_startup_s`` (constructor start to ready: the replica lea
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Any, Optional
@@ -24,6 +25,8 @@ from autoscaling.policy import PolicyContext, make_policy
 ARRIVALS = "gpuserve_arrivals_per_s"
 SERVICE = "gpuserve_service_s"
 STARTUP = "gpuserve_startup_s"
+
+logger = logging.getLogger("ray.serve")
 
 
 class GpuservePolicy:
@@ -89,6 +92,16 @@ class GpuservePolicy:
         decision, pstate = self.policy.decide(pctx, g.get("state", {}))
         if self.node_bundle is not None and decision.nodes is not None:
             _node_requests.update(str(ctx.deployment_id), decision.nodes, self.node_bundle, self.node_label_selector)
+        if decision.replicas != ctx.target_num_replicas:
+            # One line per change, in the Serve controller's log: what was decided and why.
+            logger.info(
+                "gpuserve autoscaling %s: %d -> %d replicas, nodes %s (%s)",
+                ctx.deployment_id,
+                ctx.target_num_replicas,
+                decision.replicas,
+                decision.nodes,
+                decision.reason,
+            )
         state["gpuserve"] = {
             "t": now,
             "replicas": decision.replicas,

@@ -176,6 +176,12 @@ class AutoscalingSpec(_Spec):
         ge=0,
         description="Wait before removing replicas; long by default because a GPU replica is slow to replace.",
     )
+    look_back_period_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Window over which Ray Serve averages the load metrics the policy sees.",
+    )
     policy: Optional[str] = Field(
         default=None,
         description="A gpuserve policy by name ('predictive', 'hpa', 'kpa'; 'ray_default' or None: Ray Serve's "

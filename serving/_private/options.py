@@ -78,6 +78,7 @@ def deployment_options(spec: ModelDeployment, pool: Optional["NodePool"] = None)
             "target_ongoing_requests": a.target_ongoing_requests,
             "upscale_delay_s": a.upscale_delay_s,
             "downscale_delay_s": a.downscale_delay_s,
+            "look_back_period_s": a.look_back_period_s,
         }
         if a.initial_replicas is not None:
             cfg["initial_replicas"] = a.initial_replicas

@@ -21,9 +21,14 @@ def metrics_port() -> int:
 @pytest.fixture(scope="session")
 def serve_instance(metrics_port):
     """Start Ray (no dashboard) and Serve on a free port; yield the HTTP base URL."""
+    import os
+
     import ray
     from ray import serve
 
+    # Replicas push their load metrics to the controller every second (Ray's default is 10 s), so the
+    # autoscaling tests can run on short timescales; the processes Ray starts inherit this.
+    os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
     # 16 logical CPUs on a 2-core machine: they are scheduling tokens, not cores.
     # Replicas mostly wait, and the session holds several small deployments at
     # once while the autoscaling test still needs room for one more replica.

@@ -1,0 +1,127 @@
+"""The predictive policy in real Ray Serve: up on a ramp, down after the cooldown (short timescales)."""
+
+import glob
+import os
+import threading
+import time
+
+import httpx
+
+from serving import AutoscalingSpec, BatchingSpec, ModelDeployment, ModelSource, QueueSpec, WarmupSpec
+from tests.conftest import MINILM
+
+APP = "predictive"
+
+
+def controller_log_lines(marker: str) -> list[str]:
+    import ray
+
+    logs = ray._private.worker.global_worker.node.get_logs_dir_path()
+    out = []
+    for path in glob.glob(os.path.join(logs, "serve", "controller_*.log")):
+        with open(path) as f:
+            out += [line for line in f if marker in line]
+    return out
+
+
+def running_replicas(app: str, deployment: str) -> int:
+    from ray import serve
+
+    st = serve.status().applications.get(app)
+    if st is None or deployment not in st.deployments:
+        return 0
+    return st.deployments[deployment].replica_states.get("RUNNING", 0)
+
+
+def test_predictive_policy_scales_up_on_a_ramp_and_down_after_the_cooldown(deploy, serve_instance):
+    from ray import serve
+
+    spec = ModelDeployment(
+        name="ramp",
+        task="tests.integration.stall_task:SlowEmbeddingsTask",  # 0.2 s per request on the model thread
+        model=ModelSource(path=MINILM),
+        queue=QueueSpec(max_ongoing_requests=2, max_queued_requests=200),
+        batching=BatchingSpec(enabled=False),
+        warmup=WarmupSpec(min_rounds=1, max_rounds=1),
+        autoscaling=AutoscalingSpec(
+            min_replicas=1,
+            max_replicas=3,
+            downscale_delay_s=10,
+            look_back_period_s=2,
+            policy="predictive",
+            # Short timescales for the test; the logic is the production one.
+            policy_params={
+                "interval_s": 1.0,
+                "replica_lead_prior_s": 5.0,
+                "node_lead_prior_s": 0.0,
+                "cooldown_after_up_s": 5.0,
+                "headroom_beta": 0.5,
+                "forecast_warmup_updates": 3,
+            },
+        ),
+    )
+    try:
+        deploy(spec.build(), APP, "/predictive")
+        counts: list[tuple[float, int]] = []
+        stop = threading.Event()
+
+        def watch():
+            while not stop.is_set():
+                counts.append((time.monotonic(), running_replicas(APP, "ramp")))
+                time.sleep(0.5)
+
+        statuses: list[int] = []
+        lock = threading.Lock()
+
+        def fire(client: httpx.Client):
+            r = client.post("/v1/embeddings", json={"input": "SLOW:0.2"})
+            with lock:
+                statuses.append(r.status_code)
+
+        def offer(rate_per_s: float, seconds: float, client: httpx.Client, workers: list[threading.Thread]):
+            # Open loop: requests go out on schedule whether or not earlier ones finished.
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                t = threading.Thread(target=fire, args=(client,), daemon=True)
+                t.start()
+                workers.append(t)
+                time.sleep(1.0 / rate_per_s)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        workers: list[threading.Thread] = []
+        with httpx.Client(base_url=serve_instance + "/predictive", timeout=120) as client:
+            offer(2.0, 10, client, workers)  # one replica carries 5 req/s
+            t_ramp = time.monotonic()
+            for rate in (4.0, 6.0, 8.0, 10.0, 12.0):  # a ramp past one replica's capacity
+                offer(rate, 5, client, workers)
+            offer(12.0, 25, client, workers)
+            t_low = time.monotonic()
+            peak = max(n for t, n in counts if t >= t_ramp)
+            # Low load: the replicas must come back down after the window and cooldown.
+            deadline = t_low + 120
+            while time.monotonic() < deadline:
+                offer(1.0, 5, client, workers)
+                if running_replicas(APP, "ramp") == 1:
+                    break
+            t_down = time.monotonic()
+            for w in workers:
+                w.join(timeout=120)
+        stop.set()
+        watcher.join()
+        assert peak >= 2, f"no scale-up on the ramp; replica counts {counts[-20:]}"
+        assert running_replicas(APP, "ramp") == 1, f"no scale-down after the load fell; {counts[-10:]}"
+        # Down only after the scale-down window (10 s) had passed since the load fell.
+        assert t_down - t_low >= 10
+        # Every request got an answer: served, or told to come back (429), never lost or a 5xx.
+        assert statuses and set(statuses) <= {200, 429}, sorted(set(statuses))
+        assert statuses.count(200) >= 0.9 * len(statuses)
+        # No churn: the count rose and fell, it did not oscillate up and down repeatedly.
+        changes = [b for a, b in zip(counts, counts[1:]) if a[1] != b[1]]
+        assert len(changes) <= 8, counts
+        # The decisions were gpuserve's: the adapter logs each change with its reason.
+        lines = controller_log_lines("gpuserve autoscaling")
+        assert any("(up: forecast" in line for line in lines), lines
+        assert any("(down: forecast" in line for line in lines), lines
+    finally:
+        serve.delete(APP)
