@@ -34,6 +34,7 @@ test-integration: install
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) bench/serving_overhead.py
+	HF_HUB_OFFLINE=1 $(PY) bench/autoscaling_sim.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

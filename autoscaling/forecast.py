@@ -83,7 +83,8 @@ def update(p: ForecastParams, state: dict[str, Any], now_s: float, rate_per_s: f
         st.update(level=rate_per_s, trend=0.0, t=now_s)
     else:
         dt = max(now_s - last_t, 1e-6)
-        new_level = p.level_alpha * rate_per_s + (1 - p.level_alpha) * (level + trend * dt)
+        # A falling trend must not drive the level below zero (no negative arrival rates).
+        new_level = max(0.0, p.level_alpha * rate_per_s + (1 - p.level_alpha) * (level + trend * dt))
         st["trend"] = p.trend_beta * (new_level - level) / dt + (1 - p.trend_beta) * trend
         st["level"], st["t"] = new_level, now_s
     # Daily profile: accumulate the current bin; fold it in when the bin changes.

@@ -93,7 +93,7 @@ def replicas_staffed(rate_per_s: float, work_s: float, slots: int, beta: float, 
     chance of waiting. ``beta`` sets that chance (about 0.2 at 1, 0.08 at 1.5, 0.02 at 2 for Poisson
     arrivals); ``max_utilization`` caps how hot any pool is planned to run.
     """
-    load = rate_per_s * work_s
+    load = max(0.0, rate_per_s * work_s)
     return max(load / max_utilization, load + beta * math.sqrt(load)) / slots
 
 

@@ -52,6 +52,16 @@ def test_trend_lift_is_capped_at_half_the_level_and_ignored_during_warmup():
     assert fc.forecast(p, st, 390.0, 1e6) <= 1.5 * st["level"] + 1e-9
 
 
+def test_level_never_goes_negative_when_traffic_stops_after_a_fall():
+    p = fc.ForecastParams()
+    st: dict = {}
+    for k in range(30):
+        st = fc.update(p, st, k * 10.0, max(0.0, 1000.0 - 100.0 * k))
+    assert st["level"] >= 0.0
+    assert fc.forecast(p, st, 290.0, 600.0) >= 0.0
+    assert replicas_staffed(-5.0, 1.0, 4, beta=2.0, max_utilization=0.9) == 0.0
+
+
 def test_daily_profile_anticipates_tomorrows_peak():
     p = fc.ForecastParams(season_s=1000.0, season_bins=10, trend_beta=0.0)
 

@@ -113,16 +113,7 @@ def test_fluid_engine_matches_capacity_arithmetic():
     """Rate trace: 10 req/s for 20 minutes with no variation; 1 replica of 16 slots at 2 s per request
     serves 8 req/s. Asking for a second replica at t=0 (lead 200 s) leaves 200 s at 2 req/s excess."""
     trace = RateTrace(window_s=600.0, rate_per_s=np.array([10.0, 10.0]), cv=np.array([1e-9, 1e-9]), source="t")
-    cfg = SimConfig(
-        peak_replicas=None,
-        slots_per_replica=16,
-        service_time_s=2.0,
-        provision_delay_s=(180.0, 180.0),
-        replica_start_s=20.0,
-        initial_replicas=1,
-        hold_s=0.0,
-        max_queued_requests=0,
-    )
+    cfg = step_cfg(slots_per_replica=16, service_time_s=2.0, slo_s=2.0)
     p = prepare(trace, cfg)
     assert p.kind == "fluid" and p.counts.sum() == pytest.approx(12_000, rel=1e-6)
     r = simulate(p, StepPolicy(2, 2, at_s=0.0), cfg)
@@ -259,3 +250,10 @@ def test_azure_trace_replays_fast_and_the_predictive_policy_meets_its_slo():
     assert r.requests > 150_000
     assert r.slo_attainment >= 0.99
     assert r.gpu_hours <= 1.2 * oracle.gpu_hours
+
+
+def test_progress_bar_reaches_100_percent_on_stderr(tmp_path, capsys):
+    p = prepare(step_trace(tmp_path), step_cfg())
+    simulate(p, StepPolicy(1, 1, at_s=0.0), step_cfg(), name="steady", progress=True)
+    err = capsys.readouterr().err
+    assert "steady" in err and "100%" in err and err.endswith("\n")
