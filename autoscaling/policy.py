@@ -32,6 +32,8 @@ class PolicyContext:
             counted from the moment they had a node.
         node_startup_s: Provisioning times (ask → ready) of GPU nodes that came up since the previous decision.
         nodes: GPU nodes held or being provisioned for this pool, if the caller knows.
+        memory_headroom_ratio: The smallest GPU memory headroom below the high-water mark over the
+            replicas (a fraction of device memory), if reported.
     """
 
     now_s: float
@@ -47,6 +49,7 @@ class PolicyContext:
     startup_s: tuple[float, ...] = ()
     node_startup_s: tuple[float, ...] = ()
     nodes: int | None = None
+    memory_headroom_ratio: float | None = None
 
     @property
     def replicas(self) -> int:

@@ -37,6 +37,8 @@ class PredictivePolicy:
         node_lead_prior_s: Prior for GPU node provisioning (node, drivers, image).
         pre_provision: Ask for nodes ahead of replicas.
         burst_tolerance: Arrivals more than this fraction above the forecast count as a burst.
+        low_memory_headroom: GPU memory headroom (below the high-water mark) under which a replica is
+            short of memory: one more replica is asked for and none removed.
         interval_s: How often to decide.
         forecast: Forecaster settings.
         guardrail: Bounds and cooldowns.
@@ -50,6 +52,7 @@ class PredictivePolicy:
     burst_tolerance: float = 0.2
     interval_s: float = 10.0
     smooth_floor: bool = True
+    low_memory_headroom: float = 0.05
     forecast: fc.ForecastParams = field(default_factory=fc.ForecastParams)
     guardrail: Guardrail = field(default_factory=Guardrail)
 
@@ -88,7 +91,9 @@ class PredictivePolicy:
         # (three standard deviations of a Poisson count over one interval), or a queue.
         noise = 3.0 / max(1.0, expected_now * self.interval_s) ** 0.5
         surge = ctx.arrivals_per_s > expected_now * (1 + self.burst_tolerance + noise)
-        bursting = ctx.queued_requests >= 1 or surge
+        # Memory nearly full on some replica: more load would push it into out-of-memory recovery.
+        short_of_memory = ctx.memory_headroom_ratio is not None and ctx.memory_headroom_ratio < self.low_memory_headroom
+        bursting = ctx.queued_requests >= 1 or surge or short_of_memory
         # Reactive floor: what arrives now and what is in flight now, whatever the forecast says.
         # Normally the rate is taken smoothed (the level): second-to-second noise is what the
         # headroom and the queue absorb. In a surge the raw rate is used at once: the level would
@@ -102,6 +107,9 @@ class PredictivePolicy:
         wanted = ceil_replicas(max(need, floor))
         if bursting:
             wanted = max(wanted, ctx.replicas)
+        if short_of_memory and ctx.starting_replicas == 0:
+            # One at a time: the next is asked for only once this one serves and the headroom is seen again.
+            wanted = max(wanted, ctx.replicas + 1)
         replicas, gstate, action = self.guardrail.apply(ctx, wanted, st.get("guard", {}))
         st["guard"] = gstate
         nodes = None

@@ -9,7 +9,8 @@ policy's state inside Ray's policy state, and sends node requests.
 
 Signals, from each replica's ``record_autoscaling_stats`` (see ``serving``):
 ``gpuserve_arrivals_per_s`` (requests received per second), ``gpuserve_service_s`` (slot-seconds per
-request) and ``gpuserve_startup_s`` (constructor start to ready: the replica lead time learned online).
+request), ``gpuserve_startup_s`` (constructor start to ready: the replica lead time learned online) and, on
+GPUs, ``gpuserve_memory_headroom_ratio`` (memory left below the high-water mark: low is a scale-up signal).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from autoscaling.policy import PolicyContext, make_policy
 ARRIVALS = "gpuserve_arrivals_per_s"
 SERVICE = "gpuserve_service_s"
 STARTUP = "gpuserve_startup_s"
+MEMORY_HEADROOM = "gpuserve_memory_headroom_ratio"
 
 logger = logging.getLogger("ray.serve")
 
@@ -88,6 +90,7 @@ class GpuservePolicy:
             ongoing_requests=ctx.total_num_requests,
             queued_requests=queued,
             startup_s=tuple(startups),
+            memory_headroom_ratio=min(metrics[MEMORY_HEADROOM].values()) if metrics.get(MEMORY_HEADROOM) else None,
         )
         decision, pstate = self.policy.decide(pctx, g.get("state", {}))
         if self.node_bundle is not None and decision.nodes is not None:

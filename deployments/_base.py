@@ -99,8 +99,22 @@ class Task(ABC):
             self.model_dir = resolve_model_path(spec.model.path)
         self.device = pick_device(spec.model.device)
         self.dtype = pick_dtype(spec.model.dtype, self.device)
+        if self.device == "cuda":
+            self._check_device_memory()
         self.load()
         self.load_s = time.perf_counter() - t0
+
+    def _check_device_memory(self) -> None:
+        """Fail before loading when the GPU's memory is held by someone else (no OOM-restart loop)."""
+        import torch
+
+        from serving.gpu import check_free_memory
+        from serving.weights import weights_bytes
+
+        need = self.spec.memory.min_free_bytes_at_start
+        if need is None:
+            need = weights_bytes(self.model_dir) // 2
+        check_free_memory(torch.cuda, torch.cuda.current_device(), need, f"model {self.spec.model.path!r}")
 
     @abstractmethod
     def load(self) -> None:

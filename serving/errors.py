@@ -22,6 +22,7 @@ __all__ = [
     "NotFound",
     "Overloaded",
     "PayloadTooLarge",
+    "RequestTooLargeForDevice",
     "Unauthorized",
     "error_body",
     "http_status_for",
@@ -54,6 +55,10 @@ class InvalidRequest(GpuserveError):
 
 class PayloadTooLarge(InvalidRequest):
     """The request body is over the deployment's byte limit."""
+
+
+class RequestTooLargeForDevice(InvalidRequest):
+    """The request alone needs more device memory than the replica can give it."""
 
 
 class NotFound(InvalidRequest):
@@ -97,6 +102,7 @@ class Overloaded(GpuserveError):
 # first isinstance match wins.
 _STATUS_TABLE: tuple[tuple[type[GpuserveError], int], ...] = (
     (PayloadTooLarge, 413),
+    (RequestTooLargeForDevice, 413),
     (MethodNotAllowed, 405),
     (ModelNotFound, 404),
     (NotFound, 404),

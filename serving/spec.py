@@ -339,6 +339,32 @@ class HealthSpec(_Spec):
     )
 
 
+class MemorySpec(_Spec):
+    """Device memory as a first-class limit: admission by predicted peak and out-of-memory handling."""
+
+    high_water_ratio: float = Field(
+        default=0.9,
+        gt=0.1,
+        le=1.0,
+        description="Plan work to stay below this fraction of the device's memory (process memory on CPU).",
+    )
+    admission: bool = Field(
+        default=True,
+        description="Cut batches whose peak, predicted from the warm-up envelope, would pass the high-water "
+        "mark, and answer 413 for a request that cannot fit alone.",
+    )
+    oom_window_s: float = Field(default=300.0, gt=0, description="Window for counting out-of-memory errors.")
+    max_ooms_in_window: int = Field(
+        default=5, ge=0, description="More out-of-memory errors than this in the window mark the replica unhealthy."
+    )
+    min_free_bytes_at_start: Optional[int] = Field(
+        default=None,
+        ge=0,
+        description="On CUDA, fail at start-up when the device has less free memory than this; None: half the "
+        "weights' size on disk (the least any model needs).",
+    )
+
+
 class AuthSpec(_Spec):
     """Data-plane API keys: clients send ``Authorization: Bearer <key>``.
 
@@ -404,6 +430,7 @@ class ModelDeployment(_Spec):
     queue: QueueSpec = Field(default_factory=QueueSpec)
     warmup: WarmupSpec = Field(default_factory=WarmupSpec)
     health: HealthSpec = Field(default_factory=HealthSpec)
+    memory: MemorySpec = Field(default_factory=MemorySpec)
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
     auth: Optional[AuthSpec] = Field(default=None, description="API keys required on /v1/*; None serves openly.")
 

@@ -90,6 +90,14 @@ def _model_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.name != MANIFEST)
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def weights_bytes(root: Union[str, Path]) -> int:
+    """Bytes of weight files under a model directory (what loading it reads)."""
+    return sum(p.stat().st_size for p in _model_files(Path(root)) if p.suffix in _WEIGHT_SUFFIXES)
+
+
 def verify_entry(entry: Union[str, Path], verify: Literal["sha256", "size"] = "sha256") -> dict[str, Any]:
     """Check a cache entry against its manifest; return the manifest.
 

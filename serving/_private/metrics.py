@@ -74,3 +74,70 @@ def record_lifecycle(
     _record()
     threading.Thread(target=_refresh_forever, name="gpuserve-metrics", daemon=True).start()
 
+
+
+_oom_counter = None
+
+
+def record_oom(deployment: str, replica: str, kind: str) -> None:
+    """Count an out-of-memory error by kind: ``split`` (batch halved and retried) or ``too_large`` (413)."""
+    global _oom_counter
+    if _oom_counter is None:
+        from ray.util.metrics import Counter
+
+        _oom_counter = Counter(
+            "gpuserve_oom",
+            "Out-of-memory errors in a replica's model thread, by how they were handled.",
+            ("deployment", "replica", "kind"),
+        )
+    _oom_counter.inc(1, {"deployment": deployment, "replica": replica, "kind": kind})
+
+
+_GPU_TAGS = ("deployment", "replica", "gpu")
+
+
+def start_gpu_metrics(deployment: str, replica: str, telemetry) -> None:
+    """Export the replica's GPU telemetry every REFRESH_PERIOD_S (nothing at all without a GPU)."""
+    if not telemetry.available:
+        return
+    from ray.util.metrics import Gauge
+
+    g = {
+        "used": Gauge("gpuserve_gpu_memory_used_bytes", "Device memory in use (NVML, all processes).", _GPU_TAGS),
+        "total": Gauge("gpuserve_gpu_memory_total_bytes", "Device memory (NVML).", _GPU_TAGS),
+        "util": Gauge("gpuserve_gpu_utilization_ratio", "GPU busy fraction over NVML's last sample period.", _GPU_TAGS),
+        "temp": Gauge("gpuserve_gpu_temperature_celsius", "GPU temperature.", _GPU_TAGS),
+        "power": Gauge("gpuserve_gpu_power_watts", "GPU power draw.", _GPU_TAGS),
+        "ecc": Gauge("gpuserve_gpu_ecc_uncorrected_errors", "Volatile uncorrected ECC errors.", _GPU_TAGS),
+        "alloc": Gauge("gpuserve_torch_allocated_bytes", "Bytes allocated by this replica's torch allocator.", _GPU_TAGS),
+        "reserved": Gauge("gpuserve_torch_reserved_bytes", "Bytes reserved by this replica's torch allocator.", _GPU_TAGS),
+        "peak": Gauge("gpuserve_torch_peak_allocated_bytes", "Peak bytes allocated by this replica's torch allocator.", _GPU_TAGS),
+        "ooms": Gauge("gpuserve_torch_oom_count", "Out-of-memory errors torch's allocator has seen in this replica.", _GPU_TAGS),
+    }
+
+    def _record() -> None:
+        for s in telemetry.gpus():
+            tags = {"deployment": deployment, "replica": replica, "gpu": str(s.index)}
+            g["used"].set(s.memory_used_bytes, tags)
+            g["total"].set(s.memory_total_bytes, tags)
+            for key, value in (("util", s.utilization_ratio), ("temp", s.temperature_c), ("power", s.power_w), ("ecc", s.ecc_uncorrected_errors)):
+                if value is not None:  # a reading the GPU does not support is left out, not sent as 0
+                    g[key].set(value, tags)
+        for a in telemetry.allocator():
+            tags = {"deployment": deployment, "replica": replica, "gpu": str(a.index)}
+            g["alloc"].set(a.allocated_bytes, tags)
+            g["reserved"].set(a.reserved_bytes, tags)
+            g["peak"].set(a.peak_allocated_bytes, tags)
+            g["ooms"].set(a.oom_count, tags)
+
+    def _refresh_forever() -> None:
+        while True:
+            try:
+                _record()
+            except Exception as e:  # noqa: BLE001 - telemetry must never take the replica down
+                import logging
+
+                logging.getLogger("ray.serve").warning("gpuserve: GPU telemetry failed: %s", e)
+            time.sleep(REFRESH_PERIOD_S)
+
+    threading.Thread(target=_refresh_forever, name="gpuserve-gpu-metrics", daemon=True).start()

@@ -24,13 +24,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from serving._private.auth import authorized, load_api_keys
 from serving._private.http import error_response, read_json
-from serving._private.memory import probe_for
-from serving._private.metrics import record_lifecycle
+from serving._private.memory import free_cache_for, memory_budget_bytes, probe_for
+from serving._private.oom import BatchRunner, MemoryModel, Outcome
+from serving._private.metrics import record_lifecycle, record_oom, start_gpu_metrics
 from serving._private.registry import resolve_task
-from serving._private.signals import LoadSignals
+from serving._private.signals import MEMORY_HEADROOM, LoadSignals
 from serving._private.warmup import WarmupReport, derive_stall_after_s, plan_shapes, run_warmup
 from serving._private.watchdog import StallWatchdog
 from serving.errors import GpuserveError, MethodNotAllowed, ModelNotReady, NotFound, Unauthorized, error_body
+from serving.gpu import GpuTelemetry
 from serving.spec import ModelDeployment
 
 # Serve writes the "ray.serve" logger into each replica's own log file, with the replica id.
@@ -67,20 +69,6 @@ def _node_id() -> "str | None":
         return ray.get_runtime_context().get_node_id()
     except Exception:  # noqa: BLE001 - outside Ray
         return None
-
-
-class _Outcome:
-    """A batch member's result or error: one failing item must not fail its batch-mates."""
-
-    __slots__ = ("value", "error")
-
-    def __init__(self, value: Any = None, error: "BaseException | None" = None):
-        self.value, self.error = value, error
-
-    def unwrap(self) -> Any:
-        if self.error is not None:
-            raise self.error
-        return self.value
 
 
 @serve.ingress(api)
@@ -120,6 +108,21 @@ class ModelServer:
                 run_warmup, self.task.run_batch, plans, self.spec, probe_for(self.task.device)
             ).result()
         self.watchdog = StallWatchdog(derive_stall_after_s(self.spec, self.warmup, self.task.load_s))
+        mem = self.spec.memory
+        self.runner = BatchRunner(
+            self.task.run_batch,
+            self.task.item_tokens,
+            MemoryModel.from_envelope(self.warmup.envelope()) if (self.warmup and mem.admission) else None,
+            memory_budget_bytes(self.task.device, mem.high_water_ratio, self.spec.resources.memory_bytes),
+            free_cache_for(self.task.device),
+            time.monotonic,
+            window_s=mem.oom_window_s,
+            max_ooms=mem.max_ooms_in_window,
+            on_oom=lambda kind: record_oom(self.spec.name, self.replica_id, kind),
+        )
+        self.gpu = GpuTelemetry()
+        if self.task.device == "cuda":
+            start_gpu_metrics(self.spec.name, self.replica_id, self.gpu)
         self.time_to_ready_s = time.monotonic() - t_start
         self.ready_at_s = time.time()
         self.signals = LoadSignals(time.monotonic(), self.time_to_ready_s)
@@ -152,17 +155,12 @@ class ModelServer:
 
     # -- model execution -----------------------------------------------------
 
-    def _run_isolated(self, items: list[Any]) -> list[_Outcome]:
-        try:
-            return [_Outcome(v) for v in self.task.run_batch(items)]
-        except Exception as e:  # noqa: BLE001 - re-raised per item below
-            if len(items) == 1:
-                return [_Outcome(error=e)]
-            # Retry one by one so only the item that fails gets the error.
-            return [self._run_isolated([it])[0] for it in items]
+    def _run_isolated(self, items: list[Any]) -> list[Outcome]:
+        # Admission by predicted peak, OOM split-and-retry, and per-item errors: see serving/_private/oom.py.
+        return self.runner.run(items)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _batched(self, items: list[Any]) -> list[_Outcome]:
+    async def _batched(self, items: list[Any]) -> list[Outcome]:
         loop = asyncio.get_running_loop()
         self._model_idle.clear()
         try:
@@ -277,13 +275,24 @@ class ModelServer:
                 "time_to_ready_s": round(self.time_to_ready_s, 3),
                 "stall_after_s": round(self.watchdog.stall_after_s, 3),
                 "warmup": self.warmup.to_dict() if self.warmup else None,
+                "memory": {
+                    "budget_bytes": self.runner.budget_bytes,
+                    "model": None if self.runner.model is None else vars(self.runner.model),
+                    "oom_total": self.runner.oom_total,
+                    "gpu": self.gpu.snapshot() if self.task.device == "cuda" else None,
+                },
             },
             headers={REPLICA_HEADER: self.replica_id},
         )
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve calls this on every metrics push; the values reach the policy as custom metrics."""
-        return self.signals.snapshot(time.monotonic())
+        stats = self.signals.snapshot(time.monotonic())
+        if self.task.device == "cuda":
+            headroom = self.gpu.headroom_ratio(self.spec.memory.high_water_ratio)
+            if headroom is not None:
+                stats[MEMORY_HEADROOM] = headroom
+        return stats
 
     def check_health(self) -> None:
         """Serve's liveness probe: raising marks the replica unhealthy and Serve replaces it.
@@ -292,7 +301,7 @@ class ModelServer:
         request path must be making progress.
         """
         self.task.health()
-        reason = self.watchdog.check(time.monotonic())
+        reason = self.watchdog.check(time.monotonic()) or self.runner.unhealthy_reason()
         if reason is not None:
             logger.error("gpuserve: replica %s unhealthy: %s", self.replica_id, reason)
             raise RuntimeError(reason)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from collections import deque
 
-from autoscaling.ray_policy import ARRIVALS, SERVICE, STARTUP
+from autoscaling.ray_policy import ARRIVALS, MEMORY_HEADROOM, SERVICE, STARTUP
+
+__all__ = ["LoadSignals", "MEMORY_HEADROOM"]
 
 
 class LoadSignals:

@@ -21,6 +21,7 @@ _MODELS: list[type[BaseModel]] = [
     spec.QueueSpec,
     spec.WarmupSpec,
     spec.HealthSpec,
+    spec.MemorySpec,
     spec.BatchingSpec,
     spec.AuthSpec,
     pools.ServingSpec,
