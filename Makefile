@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-unit test-integration bench clean
+.PHONY: install prometheus serve test test-unit test-integration bench clean
 
 # Re-install when the dependency lists change.
 $(STAMP): pyproject.toml requirements-dev.txt
@@ -15,21 +15,31 @@ $(STAMP): pyproject.toml requirements-dev.txt
 
 install: $(STAMP)
 
+# The alerting-rule tests run promtool and the scrape test a real Prometheus server: Debian's package.
+prometheus:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
 serve: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/gpuserve run examples/quickstart.yaml
 
 # Multi-node tests start their own Ray cluster, so they run in a second pytest process.
 MULTINODE := tests/integration/multinode
 
-test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests --ignore=$(MULTINODE)
+# With GPUSERVE_REQUIRE_PROMETHEUS the Prometheus tests fail instead of skipping when it is missing.
+TEST_ENV := HF_HUB_OFFLINE=1 GPUSERVE_REQUIRE_PROMETHEUS=1
+
+test: install prometheus
+	$(TEST_ENV) $(PY) -m pytest tests --ignore=$(MULTINODE)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(MULTINODE)
 
-test-unit: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests/unit
+test-unit: install prometheus
+	$(TEST_ENV) $(PY) -m pytest tests/unit
 
-test-integration: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests/integration --ignore=$(MULTINODE)
+test-integration: install prometheus
+	$(TEST_ENV) $(PY) -m pytest tests/integration --ignore=$(MULTINODE)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(MULTINODE)
 
 bench: install

@@ -12,9 +12,11 @@ device tool's README for carrying wheels in .whl/). Prints one JSON object:
   side by side, with the GPU/CPU ratio;
 * ``warmup``: the warm-up report on CUDA: rounds to stable latency and the allocator-measured memory envelope;
 * ``generation``: the tiny random LM on CUDA, greedy batched output equal to streamed output;
-* ``memory``: raw figures for the GPU-memory issue: NVML vs ``torch.cuda.mem_get_info`` on used/total bytes,
-  the warm-up envelope's largest peak vs the peak under a 2x batch spike, and whether an out-of-memory error
-  forced by capping the allocator is recovered by freeing the cache and splitting the batch (every item answered);
+* ``memory``: the GPU-memory paths as a replica runs them: ``serving.gpu`` telemetry (NVML) vs
+  ``torch.cuda.mem_get_info``; the warm-up envelope and the fitted memory model vs the peaks at the max batch
+  and under a 2x batch spike; a real out-of-memory error (allocator capped) recovered by the replica's
+  ``BatchRunner`` (split, every item answered), the same batch cut in advance by admission, and the start-up
+  free-memory check refusing when most of the GPU is held;
 * ``pytest``: the exit code of ``pytest tests/gpu`` in the same call.
 """
 
@@ -48,75 +50,101 @@ def _throughput(task, texts, batch: int, seconds: float = 3.0) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def _nvml_used_total() -> tuple[int, int]:
-    import pynvml
-
-    pynvml.nvmlInit()
-    try:
-        info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0))
-        return int(info.used), int(info.total)
-    finally:
-        pynvml.nvmlShutdown()
-
-
-def _run_split(task, items: list, stats: dict) -> int:
-    """Run items; on CUDA OOM free the cache and retry each half. Returns how many items got an answer."""
-    import torch
-
-    try:
-        return len(task.run_batch(items))
-    except torch.OutOfMemoryError:
-        stats["ooms"] += 1
-    # Retry only after leaving the except block: the live exception's traceback pins the failed attempt's
-    # activations, so freeing the cache inside the handler frees nothing and every half fails too.
-    torch.cuda.empty_cache()
-    if len(items) == 1:
-        return 0
-    mid = len(items) // 2
-    return _run_split(task, items[:mid], stats) + _run_split(task, items[mid:], stats)
-
-
 def _memory_checks(task, report) -> dict:
+    """The GPU-memory paths as a replica runs them: serving.gpu telemetry, the memory model, the BatchRunner."""
     import torch
+
+    from serving._private.memory import free_cache_for, memory_budget_bytes
+    from serving._private.oom import BatchRunner, MemoryModel
+    from serving.gpu import DeviceMemoryError, GpuTelemetry, check_free_memory
 
     mem: dict = {}
+    tel = GpuTelemetry()
     torch.cuda.synchronize()
     free, total = torch.cuda.mem_get_info()
-    used_nvml, total_nvml = _nvml_used_total()
-    mem["nvml_vs_torch"] = {
-        "total_bytes": [total_nvml, total],
-        "used_bytes": [used_nvml, total - free],
-        "used_abs_diff_bytes": abs(used_nvml - (total - free)),
-    }
+    [g] = tel.gpus()[:1] or [None]
+    mem["telemetry"] = tel.snapshot()
+    if g is not None:
+        mem["nvml_vs_torch"] = {
+            "total_bytes": [g.memory_total_bytes, total],
+            "used_bytes": [g.memory_used_bytes, total - free],
+            "used_abs_diff_bytes": abs(g.memory_used_bytes - (total - free)),
+        }
     item = task.warmup_items([task.synthetic_input(task.max_input_tokens_for_warmup())])[0]
     base = task.spec.batching.max_batch_size
-    env_peak = max(r["peak_bytes"] for r in report.envelope())
+    env = report.envelope()
+    model = MemoryModel.from_envelope(env)
+    env_peak = max(r["peak_bytes"] for r in env)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    task.run_batch([item] * base)
+    at_max = torch.cuda.max_memory_allocated()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     task.run_batch([item] * (2 * base))
+    spike = torch.cuda.max_memory_allocated()
+    tokens = task.item_tokens(item)
     mem["spike_2x_batch"] = {
         "envelope_max_peak_bytes": env_peak,
-        "peak_at_2x_batch_bytes": torch.cuda.max_memory_allocated(),
-        "ratio": round(torch.cuda.max_memory_allocated() / env_peak, 2),
+        "peak_at_max_batch_bytes": at_max,
+        "model_prediction_at_max_batch_bytes": round(model.predict(base, tokens)),
+        "peak_at_2x_batch_bytes": spike,
+        "model_prediction_at_2x_batch_bytes": round(model.predict(2 * base, tokens)),
+        "ratio_2x_to_envelope": round(spike / env_peak, 2),
     }
-    # Force a real OOM: cap this process's allocator twice the warm-up envelope above what it holds, then offer
-    # 64x the batch.
+    # A real OOM on a real model: cap this process's allocator at twice the envelope above what it holds
+    # (the cap applies to reserved memory), offer 64x the batch in one run, and let the replica's BatchRunner
+    # (admission off, so the OOM path is what is tested) recover.
     torch.cuda.empty_cache()
-    # The cap applies to reserved memory (what the caching allocator holds), so it is set from that.
     cap = min(0.95, (torch.cuda.memory_reserved() + 2 * env_peak) / total)
     torch.cuda.set_per_process_memory_fraction(cap)
-    stats = {"ooms": 0}
+    kinds: list[str] = []
+    runner = BatchRunner(
+        task.run_batch, task.item_tokens, None, None, free_cache_for("cuda"), time.monotonic,
+        max_ooms=10_000, on_oom=kinds.append,
+    )
     n = 64 * base
     t0 = time.perf_counter()
-    answered = _run_split(task, [item] * n, stats)
+    outcomes = runner.run([item] * n)
     mem["oom_recovery"] = {
         "cap_fraction": round(cap, 5),
         "items": n,
-        "answered": answered,
-        "ooms_caught": stats["ooms"],
+        "answered_ok": sum(o.error is None for o in outcomes),
+        "ooms_caught": runner.oom_total,
+        "kinds": sorted(set(kinds)),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "torch_num_ooms": torch.cuda.memory_stats().get("num_ooms"),
+    }
+    # The same batch with admission on: the budget (high-water mark under the cap) cuts it before it runs.
+    # Under a per-process cap the allocator's limit is the cap itself (the CUDA context, ~0.5 GiB that NVML
+    # counts, lies outside it), so the budget is the high-water share of the cap.
+    budget = 0.9 * cap * total
+    runner2 = BatchRunner(task.run_batch, task.item_tokens, model, budget, free_cache_for("cuda"), time.monotonic)
+    plan, refused = runner2.plan([item] * n)
+    t0 = time.perf_counter()
+    outcomes = runner2.run([item] * n)
+    mem["admission"] = {
+        "budget_bytes": round(budget),
+        "runs": len(plan),
+        "largest_run": max((len(r) for r in plan), default=0),
+        "refused": len(refused),
+        "answered_ok": sum(o.error is None for o in outcomes),
+        "ooms_caught": runner2.oom_total,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     torch.cuda.set_per_process_memory_fraction(1.0)
+    torch.cuda.empty_cache()
+    mem["budget_bytes_uncapped"] = memory_budget_bytes("cuda", 0.9)
+    # Start-up check: with most of the GPU held (here by this process, as another would), a replica that
+    # needs more than what is left fails fast with the reason.
+    free_now = torch.cuda.mem_get_info()[0]
+    hold = torch.empty(int(free_now * 0.9), dtype=torch.uint8, device="cuda")
+    try:
+        check_free_memory(torch.cuda, 0, int(free_now * 0.5), "model 'gpu-check'")
+        mem["startup_check"] = "did not refuse"
+    except DeviceMemoryError as e:
+        mem["startup_check"] = str(e)
+    del hold
     torch.cuda.empty_cache()
     return mem
 
@@ -160,6 +188,9 @@ def main() -> None:
     report = run_warmup(gpu.run_batch, plan_shapes(gpu, gpu.spec), gpu.spec, probe_for(gpu.device))
     out["warmup"] = report.to_dict()
 
+    # Memory checks while only the embeddings model is on the GPU, as at its warm-up, so peaks compare.
+    out["memory"] = _memory_checks(gpu, report)
+
     with tempfile.TemporaryDirectory() as d:
         make_tiny_causal_lm(d)
         lm = TextGenerationTask(
@@ -173,7 +204,6 @@ def main() -> None:
             c["choices"][0]["text"] for c in lm.stream(lm.parse("completions", {**req, "stream": True}), threading.Event())
         )
         out["generation"] = {"device": lm.device, "stream_equals_batch": streamed == full}
-    out["memory"] = _memory_checks(gpu, report)
     out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
     out["pytest"] = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "tests/gpu"], cwd=ROOT, stdout=sys.stderr

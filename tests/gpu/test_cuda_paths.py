@@ -50,3 +50,45 @@ def test_warmup_envelope_on_cuda_grows_with_the_shape():
     largest = max(env, key=lambda k: k[0] * k[1])
     smallest = min(env, key=lambda k: k[0] * k[1])
     assert env[largest] > env[smallest] > 0
+
+
+def test_nvml_telemetry_sees_this_gpu_and_agrees_with_torch_on_its_size():
+    import torch
+
+    from serving.gpu import GpuTelemetry
+
+    tel = GpuTelemetry()
+    assert tel.available, tel.reason
+    [g] = tel.gpus()[:1]
+    free, total = torch.cuda.mem_get_info()
+    # NVML and the CUDA runtime count the same device; NVML's total includes a reserved sliver.
+    assert abs(g.memory_total_bytes - total) / total < 0.02
+    assert g.memory_used_bytes >= total - free - 2**30
+    [a] = tel.allocator()[:1]
+    assert a.reserved_bytes >= a.allocated_bytes >= 0
+
+
+def test_batch_runner_recovers_a_real_cuda_oom_by_splitting():
+    import torch
+
+    from serving._private.memory import free_cache_for
+    from serving._private.oom import BatchRunner
+
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_reserved()
+    chunk = 64 * 2**20  # each item needs 64 MiB at once
+
+    def run(items):
+        t = torch.empty(len(items) * chunk, dtype=torch.uint8, device="cuda")
+        t.fill_(1)
+        return [int(t[i * chunk]) for i in range(len(items))]
+
+    torch.cuda.set_per_process_memory_fraction((base + 8 * chunk) / torch.cuda.mem_get_info()[1])
+    try:
+        runner = BatchRunner(run, lambda it: 1, None, None, free_cache_for("cuda"), lambda: 0.0, max_ooms=1000)
+        out = runner.run(list(range(32)))
+        assert [o.value for o in out] == [1] * 32
+        assert runner.oom_total >= 1
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()

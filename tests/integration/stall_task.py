@@ -34,3 +34,17 @@ class SlowEmbeddingsTask(EmbeddingsTask):
         hold = [float(t.split(":", 1)[1]) for it in items for t in it.texts if t.startswith("SLOW:")]
         time.sleep(max(hold, default=0.2))
         return super().run_batch(items)
+
+
+class OomInjectingTask(EmbeddingsTask):
+    """Embeddings that run out of memory the way a GPU does, through torch's own exception type:
+    a batch of more than one item holding 'OOM-BATCH' fails (load-induced), and an input
+    'OOM-ALWAYS' fails even alone (a request too large for the device)."""
+
+    def run_batch(self, items):
+        texts = [t for it in items for t in it.texts]
+        if any("OOM-ALWAYS" in t for t in texts) or (len(items) > 1 and any("OOM-BATCH" in t for t in texts)):
+            import torch
+
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by the test task)")
+        return super().run_batch(items)

@@ -1,0 +1,187 @@
+"""Out-of-memory handling on real Ray Serve over HTTP (OOMs injected in a CPU replica through torch's own
+exception and the same code path a GPU takes), and a real Prometheus server scraping the cluster."""
+
+import concurrent.futures as cf
+import socket
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from serving import BatchingSpec, HealthSpec, MemorySpec, ModelDeployment, ModelSource, QueueSpec
+from serving.monitoring import ALERTS, asset_path
+from tests.conftest import MINILM
+
+REPLICA = "x-gpuserve-replica"
+TASK = "tests.integration.stall_task:OomInjectingTask"
+
+
+def oom_spec(name, **memory):
+    return ModelDeployment(
+        name=name,
+        task=TASK,
+        model=ModelSource(path=MINILM),
+        replicas=1,
+        queue=QueueSpec(max_ongoing_requests=16),
+        batching=BatchingSpec(max_batch_size=8, batch_wait_timeout_s=0.05),
+        health=HealthSpec(check_period_s=1, check_timeout_s=10),
+        memory=MemorySpec(**memory),
+    )
+
+
+def test_load_induced_ooms_split_the_batch_and_every_request_is_answered(deploy, serve_instance):
+    from ray import serve
+
+    try:
+        client = deploy(oom_spec("oom-split", max_ooms_in_window=1000).build(), "oom-split", "/oom-split")
+        texts = [f"OOM-BATCH request {i}" for i in range(16)]
+        with cf.ThreadPoolExecutor(16) as pool:
+            replies = list(pool.map(lambda t: client.post("/v1/embeddings", json={"input": t}), texts))
+        assert [r.status_code for r in replies] == [200] * 16, [r.text for r in replies if r.status_code != 200]
+        assert all(len(r.json()["data"][0]["embedding"]) == 384 for r in replies)
+        health = client.get("/health").json()
+        # Batches of more than one ran out of memory and were split; single requests went through.
+        assert health["memory"]["oom_total"] >= 1
+        assert health["memory"]["budget_bytes"] > 0 and health["memory"]["model"]["per_token_bytes"] >= 0
+    finally:
+        serve.delete("oom-split")
+
+
+def test_a_request_too_large_gets_413_and_persistent_ooms_replace_the_replica_without_a_crash_loop(
+    deploy, serve_instance
+):
+    from ray import serve
+
+    try:
+        client = deploy(oom_spec("oom-persist", max_ooms_in_window=2).build(), "oom-persist", "/oom-persist")
+        first = client.get("/health").headers[REPLICA]
+        r = client.post("/v1/embeddings", json={"input": "OOM-ALWAYS"})
+        assert r.status_code == 413, r.text
+        err = r.json()["error"]
+        assert err["code"] == "request_too_large_for_device" and "ran out of device memory" in err["message"]
+        assert client.post("/v1/embeddings", json={"input": "fine"}).status_code == 200  # the replica still serves
+        for _ in range(2):  # 3 OOMs in the window: over the limit of 2
+            assert client.post("/v1/embeddings", json={"input": "OOM-ALWAYS"}).status_code == 413
+        # check_health now fails; Serve replaces the replica.
+        deadline = time.monotonic() + 120
+        current = first
+        while time.monotonic() < deadline:
+            try:
+                current = client.get("/health").headers.get(REPLICA, first)
+            except httpx.HTTPError:
+                pass
+            if current != first:
+                break
+            time.sleep(1)
+        assert current != first, "the replica with persistent OOMs was not replaced"
+        # The new replica serves, and stays: one replacement, not a crash loop.
+        deadline = time.monotonic() + 60
+        while serve.status().applications["oom-persist"].deployments["oom-persist"].status != "HEALTHY":
+            assert time.monotonic() < deadline, "deployment did not return to HEALTHY"
+            time.sleep(1)
+        seen = set()
+        for _ in range(10):
+            r = client.post("/v1/embeddings", json={"input": "fine again"})
+            assert r.status_code == 200
+            seen.add(r.headers[REPLICA])
+            time.sleep(0.5)
+        assert seen == {current}
+    finally:
+        serve.delete("oom-persist")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def prometheus_server(tmp_path, metrics_port):
+    """A real Prometheus server scraping the local Ray cluster's metrics every second, with gpuserve's rules."""
+    import shutil
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        import os
+
+        if os.environ.get("GPUSERVE_REQUIRE_PROMETHEUS"):
+            pytest.fail("prometheus is not installed; `make test` installs Debian's prometheus package")
+        pytest.skip("prometheus not installed (make test installs it)")
+    port = free_port()
+    cfg = tmp_path / "prometheus.yml"
+    cfg.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"rule_files: ['{asset_path(ALERTS)}']\n"
+        "scrape_configs:\n"
+        "  - job_name: ray\n"
+        f"    static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]\n"
+    )
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={cfg}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(base + "/-/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "prometheus did not become ready"
+            assert proc.poll() is None, "prometheus exited"
+            time.sleep(0.5)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_prometheus_scrapes_the_cluster_and_finds_gpuserve_metrics_by_promql(
+    prometheus_server, embeddings_client, deploy
+):
+    from ray import serve
+
+    try:
+        client = deploy(oom_spec("oom-metrics", max_ooms_in_window=1000).build(), "oom-metrics", "/oom-metrics")
+        with cf.ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: client.post("/v1/embeddings", json={"input": f"OOM-BATCH {i}"}), range(8)))
+        assert client.post("/v1/embeddings", json={"input": "OOM-ALWAYS"}).status_code == 413
+        embeddings_client.post("/v1/embeddings", json={"input": "hello"})
+
+        def query(q):
+            r = httpx.get(prometheus_server + "/api/v1/query", params={"query": q}, timeout=5).json()
+            assert r["status"] == "success", r
+            return r["data"]["result"]
+
+        wanted = {
+            'ray_gpuserve_time_to_ready_seconds{deployment="minilm"}': lambda rs: float(rs[0]["value"][1]) > 0,
+            'sum by (kind) (ray_gpuserve_oom_total{deployment="oom-metrics"})': lambda rs: {
+                r["metric"]["kind"] for r in rs
+            }
+            >= {"split", "too_large"},
+        }
+        deadline = time.monotonic() + 120
+        pending = dict(wanted)
+        while pending and time.monotonic() < deadline:
+            for q, ok in list(pending.items()):
+                rs = query(q)
+                if rs and ok(rs):
+                    del pending[q]
+            time.sleep(1)
+        assert not pending, f"not found by PromQL within 120 s: {list(pending)}"
+        rules = httpx.get(prometheus_server + "/api/v1/rules", timeout=5).json()["data"]["groups"]
+        assert {r["name"] for g in rules for r in g["rules"]} >= {"GpuserveOutOfMemoryErrors", "GpuserveQueueFull"}
+        # CPU replicas report no GPU series at all: nothing that would read as an idle GPU.
+        assert query('ray_gpuserve_gpu_memory_used_bytes{deployment="oom-metrics"}') == []
+    finally:
+        serve.delete("oom-metrics")
