@@ -16,3 +16,15 @@ def tiny_lm_dir(tmp_path_factory):
     from serving.testing import make_tiny_causal_lm
 
     return make_tiny_causal_lm(tmp_path_factory.mktemp("tiny-lm"))
+
+
+def require_prometheus_binary(name: str) -> str:
+    """The path of Debian's prometheus tool ``name``; skip without it, or fail where `make test` installed it."""
+    import shutil
+
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("GPUSERVE_REQUIRE_PROMETHEUS"):
+            pytest.fail(f"{name} is not installed; `make test` installs Debian's prometheus package")
+        pytest.skip(f"{name} not installed (make test installs it)")
+    return path

@@ -2,7 +2,6 @@
 exception and the same code path a GPU takes), and a real Prometheus server scraping the cluster."""
 
 import concurrent.futures as cf
-import socket
 import subprocess
 import time
 
@@ -11,7 +10,8 @@ import pytest
 
 from serving import BatchingSpec, HealthSpec, MemorySpec, ModelDeployment, ModelSource, QueueSpec
 from serving.monitoring import ALERTS, asset_path
-from tests.conftest import MINILM
+from tests.conftest import MINILM, require_prometheus_binary
+from tests.integration.conftest import free_port
 
 REPLICA = "x-gpuserve-replica"
 TASK = "tests.integration.stall_task:OomInjectingTask"
@@ -91,24 +91,10 @@ def test_a_request_too_large_gets_413_and_persistent_ooms_replace_the_replica_wi
         serve.delete("oom-persist")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def prometheus_server(tmp_path, metrics_port):
     """A real Prometheus server scraping the local Ray cluster's metrics every second, with gpuserve's rules."""
-    import shutil
-
-    binary = shutil.which("prometheus")
-    if binary is None:
-        import os
-
-        if os.environ.get("GPUSERVE_REQUIRE_PROMETHEUS"):
-            pytest.fail("prometheus is not installed; `make test` installs Debian's prometheus package")
-        pytest.skip("prometheus not installed (make test installs it)")
+    binary = require_prometheus_binary("prometheus")
     port = free_port()
     cfg = tmp_path / "prometheus.yml"
     cfg.write_text(

@@ -307,3 +307,21 @@ def test_low_memory_headroom_asks_for_one_more_replica_and_blocks_scale_down():
     assert d.replicas == 5  # one at a time
     d, st = pol.decide(ctx(1000.0, 0.5), {"guard": {"since_s": -1e9, "last_up_s": -1e9}})
     assert d.replicas < 4  # plenty of headroom and little load: it may come down
+
+
+@pytest.mark.parametrize(
+    "memory, match",
+    [
+        ({"high_water_ratio": 1.5}, "high_water_ratio"),
+        ({"max_ooms_in_window": -1}, "max_ooms_in_window"),
+        ({"oom_window_s": 0}, "oom_window_s"),
+        ({"surprise": 1}, "surprise"),
+    ],
+)
+def test_memory_spec_rejects_bad_settings_by_field(memory, match):
+    from pydantic import ValidationError
+
+    from serving import MemorySpec
+
+    with pytest.raises(ValidationError, match=match):
+        MemorySpec(**memory)

@@ -2,9 +2,7 @@
 read is one gpuserve (or Ray Serve) exports."""
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,17 +10,13 @@ import pytest
 import yaml
 
 from serving.monitoring import ALERTS, ALERTS_TEST, DASHBOARD, asset_path
+from tests.conftest import require_prometheus_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        if os.environ.get("GPUSERVE_REQUIRE_PROMETHEUS"):
-            pytest.fail("promtool is not installed; `make test` installs Debian's prometheus package")
-        pytest.skip("promtool not installed (make test installs it)")
-    return path
+    return require_prometheus_binary("promtool")
 
 
 def test_promtool_checks_the_alerting_rules():
