@@ -1,6 +1,10 @@
-"""gpuserve on Kubernetes: rendering RayService manifests (see the KubeRay issue).
+"""gpuserve on Kubernetes: render a RayService with separate GPU worker groups, and validate it offline.
 
-Nothing is exported yet.
+Public API: :class:`RenderOptions`, :func:`render`, :func:`to_yaml`, :func:`validate_documents`,
+:func:`validate_file`, :class:`Finding`. The CLI: ``gpuserve render`` and ``gpuserve validate``.
 """
 
-__all__: list[str] = []
+from kuberay.render import RenderOptions, render, to_yaml
+from kuberay.validate import Finding, validate_documents, validate_file
+
+__all__ = ["Finding", "RenderOptions", "render", "to_yaml", "validate_documents", "validate_file"]

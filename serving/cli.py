@@ -116,8 +116,10 @@ def _build_parser() -> argparse.ArgumentParser:
     st.add_argument("--interval-s", type=float, default=10.0, help="refresh period with --metrics-port")
     st.set_defaults(func=_cmd_status)
     from autoscaling.cli import add_parser as add_simulate
+    from kuberay.cli import add_parsers as add_kuberay
 
     add_simulate(sub)
+    add_kuberay(sub)
     return parser
 
 

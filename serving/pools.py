@@ -167,6 +167,34 @@ class ServingSpec(_Spec):
                 f"({pool.accelerator_type!r}); remove it or pick the matching pool"
             )
 
+    @classmethod
+    def of(cls, obj: object) -> "ServingSpec":
+        """A ServingSpec as is; a lone ModelDeployment gets a CPU pool, and a GPU pool when it asks for GPUs.
+
+        Raises:
+            TypeError: for anything else, saying what is accepted.
+        """
+        if isinstance(obj, ServingSpec):
+            return obj
+        if not isinstance(obj, ModelDeployment):
+            raise TypeError(f"expected a ServingSpec or a ModelDeployment, got {type(obj).__name__}")
+        r = obj.resources
+        most = obj.autoscaling.max_replicas if obj.autoscaling else (1 if obj.replicas is None else obj.replicas)
+        pools = [NodePool(name="cpu", cpus_per_node=max(4.0, r.cpus), memory_bytes_per_node=16 << 30, max_nodes=4)]
+        if r.gpus:
+            pools.append(
+                NodePool(
+                    name="gpu",
+                    accelerator_type=r.accelerator_type,
+                    gpus_per_node=r.gpus,
+                    cpus_per_node=max(8.0, r.cpus),
+                    memory_bytes_per_node=64 << 30,
+                    max_nodes=max(1, most),
+                )
+            )
+        placed = obj.model_copy(update={"resources": r.model_copy(update={"node_pool": pools[-1].name})})
+        return cls(name=obj.name, pools=pools, deployments=[placed])
+
     def pool_of(self, deployment: ModelDeployment) -> NodePool:
         return next(p for p in self.pools if p.name == deployment.resources.node_pool)
 

@@ -144,3 +144,24 @@ def test_two_gpu_pools_and_a_cpu_ingress_each_in_its_own_pool_none_on_head(pool_
             assert nodes[row["node_id"]] == expected[r.name], f"{r.name} replica outside pool {expected[r.name]}"
     r = httpx.post(f"{base}/ingress/v1/completions", json={"prompt": "Hello", "max_tokens": 3}, timeout=60)
     assert r.status_code == 200, r.text
+
+
+def test_an_application_from_the_rendered_serve_config_serves_on_its_pool(pool_cluster):
+    """What KubeRay would deploy: serveConfigV2's builder application, pinned by label to the CPU pool."""
+    import yaml
+
+    from kuberay import RenderOptions, render
+    from serving.builder import build, load_spec
+
+    _, base = pool_cluster
+    target = "examples.two_pools:serving"
+    docs = render(load_spec(target), RenderOptions(import_path=target))
+    app_cfg = next(a for a in yaml.safe_load(docs[0]["spec"]["serveConfigV2"])["applications"] if a["name"] == "embed-cpu")
+    serve.run(build(app_cfg["args"]), name="from-config", route_prefix=app_cfg["route_prefix"])
+    try:
+        r = httpx.post(f"{base}{app_cfg['route_prefix']}/v1/embeddings", json={"input": "rendered for KubeRay"}, timeout=60)
+        assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 384
+        health = httpx.get(f"{base}{app_cfg['route_prefix']}/health", timeout=30).json()
+        assert pool_of_node()[health["node_id"]] == "cpu"
+    finally:
+        serve.delete("from-config")
