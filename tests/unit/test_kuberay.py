@@ -36,8 +36,28 @@ def test_golden_files_equal_a_fresh_render(name):
     )
 
 
+def test_the_environment_driven_example_renders_to_its_golden_file():
+    """examples/text_generation.py reads its model path from the environment at import: render it in a
+    fresh process, with the path the golden file was made with."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GPUSERVE_MODEL_PATH": "/models/my-llm", "HF_HUB_OFFLINE": "1"}
+    env.pop("GPUSERVE_GPUS", None)
+    env.pop("GPUSERVE_MAX_REPLICAS", None)
+    env.pop("GPUSERVE_SERVED_NAME", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "render", "examples.text_generation:spec"],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=True,
+    ).stdout
+    assert out == (ROOT / "kuberay" / "text_generation.yaml").read_text(), (
+        "regenerate: GPUSERVE_MODEL_PATH=/models/my-llm gpuserve render examples.text_generation:spec "
+        "-o kuberay/text_generation.yaml"
+    )
+
+
 @needs_crds
-@pytest.mark.parametrize("name", sorted(EXAMPLES))
+@pytest.mark.parametrize("name", sorted([*EXAMPLES, "text_generation"]))
 def test_every_example_renders_and_validates(name):
     docs = list(yaml.safe_load_all((ROOT / "kuberay" / f"{name}.yaml").read_text()))
     assert [d["kind"] for d in docs] == ["RayService", "NetworkPolicy", "PodMonitor", "PrometheusRule"]
