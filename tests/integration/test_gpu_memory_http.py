@@ -171,3 +171,54 @@ def test_prometheus_scrapes_the_cluster_and_finds_gpuserve_metrics_by_promql(
         assert query('ray_gpuserve_gpu_memory_used_bytes{deployment="oom-metrics"}') == []
     finally:
         serve.delete("oom-metrics")
+
+
+def test_gpu_telemetry_reaches_prometheus_format_with_deployment_replica_and_gpu_labels(serve_instance, metrics_port):
+    """The GPU export path of a replica, with NVML faked at the hardware boundary, inside a Ray actor
+    (as in a replica): the series appear with their labels; unsupported readings are absent, not 0."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class FakeGpuReplica:
+        def start(self):
+            from types import SimpleNamespace
+
+            from serving._private.metrics import start_gpu_metrics
+            from serving.gpu import GpuTelemetry
+            from tests.unit.test_gpu_memory import FakeNvml, gpu
+
+            cuda = SimpleNamespace(
+                is_available=lambda: True,
+                device_count=lambda: 1,
+                memory_stats=lambda i: {"allocated_bytes.all.current": 5, "reserved_bytes.all.current": 7,
+                                        "allocated_bytes.all.peak": 9, "num_ooms": 1},
+            )
+            telemetry = GpuTelemetry(nvml=FakeNvml([gpu(0, 70)]), cuda=cuda, visible_devices="0")
+            start_gpu_metrics("fake-llm", "replica-1", telemetry)
+            return True
+
+    actor = FakeGpuReplica.remote()
+    assert ray.get(actor.start.remote())
+    wanted = {
+        "ray_gpuserve_gpu_memory_used_bytes": 70 * 2**30,
+        "ray_gpuserve_gpu_memory_total_bytes": 80 * 2**30,
+        "ray_gpuserve_gpu_utilization_ratio": 0.37,
+        "ray_gpuserve_torch_reserved_bytes": 7,
+        "ray_gpuserve_torch_oom_count": 1,
+    }
+    deadline, rows = time.monotonic() + 90, {}
+    while time.monotonic() < deadline and len(rows) < len(wanted):
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        for line in text.splitlines():
+            for name in wanted:
+                if line.startswith(name + "{") and 'deployment="fake-llm"' in line:
+                    rows[name] = line
+        time.sleep(1)
+    ray.kill(actor)
+    assert set(rows) == set(wanted), sorted(set(wanted) - set(rows))
+    for name, value in wanted.items():
+        assert 'replica="replica-1"' in rows[name] and 'gpu="0"' in rows[name]
+        assert float(rows[name].rsplit(" ", 1)[1]) == pytest.approx(value)
+    # ECC is unsupported on the fake GPU: no series at all rather than a misleading 0.
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    assert not any(l.startswith("ray_gpuserve_gpu_ecc_uncorrected_errors{") and "fake-llm" in l for l in text.splitlines())
