@@ -27,35 +27,38 @@ class RayDefaultPolicy:
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
     interval_s: float = 1.0
-    _config: Any = field(default=None, init=False, repr=False)
+    _ray: Any = field(default=None, init=False, repr=False)
 
-    def _ray(self, slots: int, lo: int, hi: int):
-        from ray.serve._private.common import DeploymentID
-        from ray.serve.autoscaling_policy import (
-            _apply_delay_logic,
-            _apply_scaling_factors,
-            replica_queue_length_autoscaling_policy,
-        )
-        from ray.serve.config import AutoscalingConfig, AutoscalingContext
+    def _bind(self, slots: int, lo: int, hi: int) -> Any:
+        """Import Ray's functions and build its config once (decide runs every simulated second)."""
+        if self._ray is None:
+            from ray.serve._private.common import DeploymentID
+            from ray.serve.autoscaling_policy import (
+                _apply_delay_logic,
+                _apply_scaling_factors,
+                replica_queue_length_autoscaling_policy,
+            )
+            from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
-        if self._config is None:
-            self._config = AutoscalingConfig(
+            config = AutoscalingConfig(
                 min_replicas=lo,
                 max_replicas=hi,
                 target_ongoing_requests=self.utilization * slots,
                 upscale_delay_s=self.upscale_delay_s,
                 downscale_delay_s=self.downscale_delay_s,
             )
-        return (
-            DeploymentID(name="sim", app_name="sim"),
-            AutoscalingContext,
-            replica_queue_length_autoscaling_policy,
-            _apply_scaling_factors,
-            _apply_delay_logic,
-        )
+            self._ray = (
+                DeploymentID(name="sim", app_name="sim"),
+                AutoscalingContext,
+                replica_queue_length_autoscaling_policy,
+                _apply_scaling_factors,
+                _apply_delay_logic,
+                config,
+            )
+        return self._ray
 
     def decide(self, ctx: PolicyContext, state: dict[str, Any]) -> tuple[Decision, dict[str, Any]]:
-        dep, Context, policy, scale, delay = self._ray(ctx.slots_per_replica, ctx.min_replicas, ctx.max_replicas)
+        dep, Context, policy, scale, delay, config = self._bind(ctx.slots_per_replica, ctx.min_replicas, ctx.max_replicas)
         target = state.get("target", ctx.replicas)
         rctx = Context(
             deployment_id=dep,
@@ -75,12 +78,12 @@ class RayDefaultPolicy:
             last_scale_up_time=None,
             last_scale_down_time=None,
             current_time=ctx.now_s,
-            config=self._config,
+            config=config,
         )
         desired, _ = policy(rctx)
-        desired = scale(desired, ctx.replicas, self._config)
+        desired = scale(desired, ctx.replicas, config)
         ray_state = dict(state.get("ray", {}))
-        decided, ray_state = delay(max(0, desired), target, self._config, ray_state, _now=ctx.now_s)
+        decided, ray_state = delay(max(0, desired), target, config, ray_state, _now=ctx.now_s)
         decided = min(max(int(decided), ctx.min_replicas), ctx.max_replicas)
         return Decision(replicas=decided, reason=f"ray default: desired {desired}"), {"ray": ray_state, "target": decided}
 

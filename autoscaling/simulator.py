@@ -232,10 +232,11 @@ class _Controller:
         self.ups = self.downs = 0
         self.last_work = cfg.service_time_s
 
-    def observe(self, arrivals: float, work_s: float, ongoing: float, dt: float) -> None:
+    def observe(self, arrivals: float, work_s: float, ongoing: float) -> None:
+        """One simulated second of arrivals, their work and the requests in flight."""
         self.arrivals += arrivals
         self.work_s += work_s
-        self.ongoing_integral += ongoing * dt
+        self.ongoing_integral += ongoing
 
     def tick(self, now: float, queued: float) -> None:
         span = max(now - self.last_s, 1e-9)
@@ -511,7 +512,7 @@ def _run_fluid(p: Prepared, cfg: SimConfig, pool: Pool, ctl: _Controller, bar: _
                     queue.append([float(t), admit])
                     qsum += admit
         # In flight ≈ served per second x service time (Little), plus the queue.
-        ctl.observe(a, a * work, min(served_prev * work, pool.ready * slots) + qsum, 1.0)
+        ctl.observe(a, a * work, min(served_prev * work, pool.ready * slots) + qsum)
         served_prev = served
         if t % step == 0:
             _timeline_point(tl, float(t), tl_acc / step if t else a, pool, total, ok)
@@ -590,7 +591,7 @@ def _run_requests(p: Prepared, cfg: SimConfig, pool: Pool, ctl: _Controller, bar
                     rejected += 1
                 i += 1
         tl_acc += arrived
-        ctl.observe(arrived, work, in_service + len(queue), 1.0)
+        ctl.observe(arrived, work, in_service + len(queue))
         if t % step == 0:
             _timeline_point(tl, float(t), tl_acc / step if t else arrived, pool, float(i), float(ok))
             tl_acc = 0

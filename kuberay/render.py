@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import yaml
 
-from serving.pools import GPU_TAINT_KEY, POOL_LABEL, NodePool, ServingSpec
+from serving.pools import GPU_TAINT_KEY, NodePool, ServingSpec
 from serving.spec import ModelDeployment
 
 SERVICE_LABEL = "gpuserve.io/service"
@@ -151,7 +151,7 @@ def _prefetch(spec: ServingSpec, pool: NodePool, opts: RenderOptions) -> tuple[l
                 "env": [{"name": "HF_HUB_OFFLINE", "value": "1"}],
                 "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "1", "memory": "2Gi"}},
                 "securityContext": {**_security_context(), "readOnlyRootFilesystem": True},
-                "volumeMounts": [m for m in mounts],
+                "volumeMounts": list(mounts),
             }
         )
     return inits, volumes, mounts
@@ -375,4 +375,4 @@ def to_yaml(docs: list[dict[str, Any]]) -> str:
     return "---\n".join(yaml.dump(d, Dumper=_Dumper, sort_keys=False, width=120) for d in docs)
 
 
-__all__ = ["POOL_LABEL", "RenderOptions", "render", "serve_config", "to_yaml", "worker_bounds"]
+__all__ = ["RenderOptions", "render", "serve_config", "to_yaml", "worker_bounds"]

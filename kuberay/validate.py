@@ -413,11 +413,16 @@ def raycluster_rules(doc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 # -- gpuserve and Kubernetes pod rules -----------------------------------------------------------------
 
 
+def _cluster(kind: str, doc: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The cluster spec of a RayService (``spec.rayClusterConfig``) or RayCluster (``spec``), and its path."""
+    if kind == "RayService":
+        return ((doc.get("spec") or {}).get("rayClusterConfig") or {}), "spec.rayClusterConfig"
+    return (doc.get("spec") or {}), "spec"
+
+
 def _pod_templates(kind: str, doc: dict[str, Any]) -> Iterable[tuple[str, str, dict[str, Any]]]:
     """(role, path, template) of every pod template in a RayService/RayCluster."""
-    c = (doc.get("spec") or {}).get("rayClusterConfig") if kind == "RayService" else doc.get("spec")
-    base = "spec.rayClusterConfig" if kind == "RayService" else "spec"
-    c = c or {}
+    c, base = _cluster(kind, doc)
     head = c.get("headGroupSpec") or {}
     if isinstance(head.get("template"), dict):
         yield "head", f"{base}.headGroupSpec.template", head["template"]
@@ -448,8 +453,7 @@ def pod_rules(kind: str, doc: dict[str, Any]) -> list[tuple[str, str, str, str]]
                     out.append((f"{path}.spec.containers[{j}].resources", "k8s/extended-resource", f"{key}: requests ({req.get(key)}) must equal limits ({lim.get(key)}); extended resources cannot be overcommitted", f"set limits.{key} equal to requests.{key}"))
             gpus += max(_gpu_count(ct, "limits"), _gpu_count(ct, "requests"))
         if role == "head":
-            c = (doc.get("spec") or {}).get("rayClusterConfig") if kind == "RayService" else doc.get("spec")
-            rsp = ((c or {}).get("headGroupSpec") or {}).get("rayStartParams") or {}
+            rsp = (_cluster(kind, doc)[0].get("headGroupSpec") or {}).get("rayStartParams") or {}
             if gpus or str(rsp.get("num-gpus", "0")) not in ("0", ""):
                 out.append((path, "gpuserve/head-gpu", "the head pod has GPUs: it runs no model, so they would sit idle", f"remove {GPU} from the head container and num-gpus from its rayStartParams"))
             continue
@@ -459,9 +463,9 @@ def pod_rules(kind: str, doc: dict[str, Any]) -> list[tuple[str, str, str, str]]
             ) or any(tol.get("operator") == "Exists" and not tol.get("key") for tol in pod.get("tolerations") or [])
             if not tolerated:
                 out.append((f"{path}.spec.tolerations", "gpuserve/gpu-toleration", f"worker group {role} asks for GPUs but does not tolerate the {GPU}:NoSchedule taint of GPU nodes", f"add a toleration {{key: {GPU}, operator: Exists, effect: NoSchedule}}"))
-    c = (doc.get("spec") or {}).get("rayClusterConfig") if kind == "RayService" else doc.get("spec")
-    head = (c or {}).get("headGroupSpec") or {}
-    base = "spec.rayClusterConfig.headGroupSpec" if kind == "RayService" else "spec.headGroupSpec"
+    c, cbase = _cluster(kind, doc)
+    head = c.get("headGroupSpec") or {}
+    base = f"{cbase}.headGroupSpec"
     if head.get("serviceType") in ("LoadBalancer", "NodePort"):
         out.append((f"{base}.serviceType", "gpuserve/control-plane-exposed", f"the head service is {head['serviceType']}: the dashboard, GCS and Ray client would be reachable from outside the cluster", "use ClusterIP and expose only the Serve port (an Ingress or Gateway to the serve service)"))
     if head.get("enableIngress"):

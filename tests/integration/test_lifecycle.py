@@ -50,8 +50,6 @@ def cleanup():
 
 
 def test_new_replica_gets_no_request_before_warm_up_finished(deploy, serve_instance, cleanup):
-    from ray import serve
-
     cleanup.append("scaled")
     # Serve's autoscaler adds the second replica when steady load exceeds one replica's target.
     scaling = AutoscalingSpec(

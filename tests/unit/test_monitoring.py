@@ -6,7 +6,6 @@ import re
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
 
 from serving.monitoring import ALERTS, ALERTS_TEST, DASHBOARD, asset_path
