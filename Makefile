@@ -45,6 +45,7 @@ test-integration: install prometheus
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) bench/serving_overhead.py
 	HF_HUB_OFFLINE=1 $(PY) bench/autoscaling_sim.py --quick
+	HF_HUB_OFFLINE=1 PYTHONPATH=. $(PY) bench/overload.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

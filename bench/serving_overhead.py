@@ -1,9 +1,11 @@
 """Serving overhead: gpuserve's embeddings deployment vs hand-written Ray Serve.
 
-Three apps serve the same all-MiniLM-L6-v2 weights on one local Ray, one
+Four apps serve the same all-MiniLM-L6-v2 weights on one local Ray, one
 replica each, side by side in one run:
 
-* ``gpuserve``     - the quickstart spec (validation, bounded body, batching, OpenAI shape);
+* ``gpuserve``     - the quickstart spec (validation, bounded body, batching, OpenAI shape), behind
+                     its admission gateway (the default);
+* ``gpuserve_direct`` - the same spec with ``queue.gateway`` off: the replica is the ingress;
 * ``plain``        - a minimal hand-written Ray Serve deployment: parse JSON, encode, return;
 * ``plain_batch``  - the same plus ``@serve.batch`` with gpuserve's batch settings.
 
@@ -148,9 +150,18 @@ def main() -> None:
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 8765})
     from examples.quickstart import app as gpuserve_app
+    from examples.quickstart import spec as quickstart_spec
 
+    direct = quickstart_spec.model_copy(
+        update={"queue": quickstart_spec.queue.model_copy(update={"gateway": False})}
+    ).build()
     plain, plain_batch = plain_apps()
-    apps = {"gpuserve": (gpuserve_app, "/v1/embeddings"), "plain": (plain, "/"), "plain_batch": (plain_batch, "/")}
+    apps = {
+        "gpuserve": (gpuserve_app, "/v1/embeddings"),
+        "gpuserve_direct": (direct, "/v1/embeddings"),
+        "plain": (plain, "/"),
+        "plain_batch": (plain_batch, "/"),
+    }
     for name, (app, _) in apps.items():
         serve.run(app, name=name, route_prefix=f"/{name}")
     base = "http://127.0.0.1:8765"
@@ -185,7 +196,7 @@ def main() -> None:
                 "latency_mean_ms": round(1000 * statistics.fmean(lat), 2) if lat else None,
             }
     ratios: dict = {}
-    for name in ("gpuserve", "plain_batch"):
+    for name in ("gpuserve", "gpuserve_direct", "plain_batch"):
         ratios[f"{name}_vs_plain"] = {
             str(c): {
                 "throughput": round(
@@ -204,6 +215,17 @@ def main() -> None:
                 results["gpuserve"][c]["throughput_per_s"] / results["plain_batch"][c]["throughput_per_s"], 3
             ),
             "latency_p50": round(results["gpuserve"][c]["latency_p50_ms"] / results["plain_batch"][c]["latency_p50_ms"], 3),
+        }
+        for c in map(str, args.concurrency)
+    }
+    ratios["gpuserve_vs_gpuserve_direct"] = {
+        c: {
+            "throughput": round(
+                results["gpuserve"][c]["throughput_per_s"] / results["gpuserve_direct"][c]["throughput_per_s"], 3
+            ),
+            "latency_p50": round(
+                results["gpuserve"][c]["latency_p50_ms"] / results["gpuserve_direct"][c]["latency_p50_ms"], 3
+            ),
         }
         for c in map(str, args.concurrency)
     }

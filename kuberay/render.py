@@ -233,7 +233,7 @@ def _worker_group(spec: ServingSpec, pool: NodePool, opts: RenderOptions) -> dic
 
 def serve_config(spec: ServingSpec, opts: RenderOptions) -> dict[str, Any]:
     """Ray Serve's config (``serveConfigV2``): one application per deployment, built by gpuserve's builder."""
-    from serving._private.options import deployment_options
+    from serving._private.options import deployment_options, gateway_options
 
     apps = []
     for d in spec.deployments:
@@ -249,6 +249,10 @@ def serve_config(spec: ServingSpec, opts: RenderOptions) -> dict[str, Any]:
             dep["autoscaling_config"] = o["autoscaling_config"]
         else:
             dep["num_replicas"] = o["num_replicas"]
+        deps = [dep]
+        if d.queue.gateway:
+            g = gateway_options(d)
+            deps.append({k: g[k] for k in ("name", "num_replicas", "max_ongoing_requests", "max_queued_requests", "ray_actor_options")})
         apps.append(
             {
                 "name": d.name,
@@ -256,7 +260,7 @@ def serve_config(spec: ServingSpec, opts: RenderOptions) -> dict[str, Any]:
                 "import_path": "serving.builder:build",
                 "args": {"spec": opts.import_path, "deployment": d.name},
                 "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}},
-                "deployments": [dep],
+                "deployments": deps,
             }
         )
     return {"proxy_location": "EveryNode", "http_options": {"host": "0.0.0.0", "port": SERVE_PORT}, "applications": apps}
@@ -273,11 +277,13 @@ def render(spec: ServingSpec, opts: RenderOptions) -> list[dict[str, Any]]:
     """The documents, in apply order: RayService, NetworkPolicy, PodMonitor, PrometheusRule."""
     from serving.monitoring import ALERTS, asset_path
 
+    # The admission gateways run on the head (no CPUs reserved, I/O only) and check the API keys there.
+    h_env, h_volumes, h_mounts = _api_key_wiring(spec.deployments, opts)
     head_pod = {
         "securityContext": _pod_security(),
         "containers": [
             {
-                **_container("ray-head", opts, opts.head_cpus, opts.head_memory_bytes, 0, [], []),
+                **_container("ray-head", opts, opts.head_cpus, opts.head_memory_bytes, 0, h_mounts, h_env),
                 "ports": [
                     {"name": "gcs", "containerPort": CONTROL_PORTS["gcs"]},
                     {"name": "dashboard", "containerPort": CONTROL_PORTS["dashboard"]},
@@ -287,7 +293,7 @@ def render(spec: ServingSpec, opts: RenderOptions) -> list[dict[str, Any]]:
                 ],
             }
         ],
-        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}],
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}, *h_volumes],
     }
     ray_service = {
         "apiVersion": "ray.io/v1",
@@ -295,7 +301,7 @@ def render(spec: ServingSpec, opts: RenderOptions) -> list[dict[str, Any]]:
         "metadata": _meta(spec.name, spec.name, opts),
         "spec": {
             "serveConfigV2": yaml.safe_dump(serve_config(spec, opts), sort_keys=False),
-            # Traffic goes to worker replicas only; the head runs no user work.
+            # Traffic enters at the workers' proxies; the head runs the control plane and the gateways.
             "excludeHeadPodFromServeSvc": True,
             "rayClusterConfig": {
                 "rayVersion": opts.ray_version,
@@ -308,7 +314,8 @@ def render(spec: ServingSpec, opts: RenderOptions) -> list[dict[str, Any]]:
                 "authOptions": {"mode": "token", "secretName": opts.auth_secret},
                 "headGroupSpec": {
                     "serviceType": "ClusterIP",
-                    # No user work on the head: no CPUs for tasks or replicas, no GPUs.
+                    # No model work on the head: no CPUs for tasks or replicas, no GPUs (the gateways
+                    # reserve none).
                     "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0", "metrics-export-port": str(METRICS_PORT)},
                     "template": {"metadata": {"labels": {SERVICE_LABEL: spec.name, ROLE_LABEL: "head"}}, "spec": head_pod},
                 },

@@ -49,6 +49,24 @@ class DeadlineExceeded(TimeoutError):
         self.attempts, self.last_status = attempts, last_status
 
 
+# Admission headers the gateway reads (serving/_private/gateway.py).
+PRIORITY_HEADER = "x-gpuserve-priority"
+TIMEOUT_HEADER = "x-gpuserve-timeout-s"
+
+
+def _retry_after(headers: Any) -> Optional[float]:
+    # The millisecond form is the server's estimate unrounded; Retry-After is its whole-second ceiling.
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            value = float(ms) / 1000.0
+            if 0 <= value < 86_400:
+                return value
+        except ValueError:
+            pass
+    return retry_after_s(headers.get("retry-after"))
+
+
 def retry_after_s(value: Optional[str], now_s: Optional[float] = None) -> Optional[float]:
     """Parse a Retry-After header: delta-seconds or an HTTP date. None if absent or unreadable."""
     if value is None:
@@ -104,6 +122,7 @@ class _Base:
         *,
         api_key: Optional[str] = None,
         deadline_s: float = 60.0,
+        priority: Optional[str] = None,
         policy: Optional[RetryPolicy] = None,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -112,6 +131,8 @@ class _Base:
         self.policy = policy or RetryPolicy()
         self.clock = clock
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        if priority is not None:
+            self.headers[PRIORITY_HEADER] = priority
         self.attempts_log: list[int] = []  # status of every attempt of the last request, for callers and tests
 
     def _next_wait(self, resp: httpx.Response, attempt: int, started: float) -> float:
@@ -119,7 +140,7 @@ class _Base:
         body = _body(resp)
         if resp.status_code not in RETRYABLE_STATUS or attempt >= self.policy.max_attempts:
             raise RequestFailed(resp.status_code, body, attempt)
-        wait = self.policy.delay_s(attempt, retry_after_s(resp.headers.get("retry-after")))
+        wait = self.policy.delay_s(attempt, _retry_after(resp.headers))
         if self.clock() + wait - started > self.deadline_s:
             raise DeadlineExceeded(self.deadline_s, attempt, resp.status_code, wait)
         return wait
@@ -144,6 +165,11 @@ class _Base:
         # Each attempt gets what is left of the overall deadline, never more.
         return max(0.001, self.deadline_s - (self.clock() - started))
 
+    def _attempt_headers(self, started: float) -> dict[str, str]:
+        # The server learns the deadline too: it refuses at once what cannot finish in time and
+        # never runs a request the client has given up on.
+        return {**self.headers, TIMEOUT_HEADER: f"{self._timeout(started):.3f}"}
+
 
 class Client(_Base):
     """Synchronous client (httpx). Use as a context manager or call ``close()``."""
@@ -161,7 +187,7 @@ class Client(_Base):
             attempt += 1
             try:
                 resp = self._http.post(
-                    self.base_url + path, json=body, headers=self.headers, timeout=self._timeout(started)
+                    self.base_url + path, json=body, headers=self._attempt_headers(started), timeout=self._timeout(started)
                 )
             except httpx.TransportError as e:
                 self._sleep(self._on_transport_error(e, attempt, started))
@@ -203,7 +229,7 @@ class AsyncClient(_Base):
             attempt += 1
             try:
                 resp = await self._http.post(
-                    self.base_url + path, json=body, headers=self.headers, timeout=self._timeout(started)
+                    self.base_url + path, json=body, headers=self._attempt_headers(started), timeout=self._timeout(started)
                 )
             except httpx.TransportError as e:
                 await self._sleep(self._on_transport_error(e, attempt, started))

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 __all__ = [
+    "RequestExpired",
     "GpuserveError",
     "InvalidRequest",
     "MethodNotAllowed",
@@ -98,6 +99,12 @@ class Overloaded(GpuserveError):
         self.retry_after_s = retry_after_s
 
 
+class RequestExpired(GpuserveError):
+    """The request's deadline passed while it waited; it never reached the model."""
+
+    error_type = "timeout_error"
+
+
 # The single exception -> HTTP status table. Most specific class first: the
 # first isinstance match wins.
 _STATUS_TABLE: tuple[tuple[type[GpuserveError], int], ...] = (
@@ -110,6 +117,7 @@ _STATUS_TABLE: tuple[tuple[type[GpuserveError], int], ...] = (
     (Unauthorized, 401),
     (Overloaded, 429),
     (ModelNotReady, 503),
+    (RequestExpired, 504),
     (GpuserveError, 500),
 )
 
@@ -151,6 +159,10 @@ def http_headers_for(exc: BaseException) -> dict[str, str]:
     if isinstance(exc, Unauthorized):
         return {"WWW-Authenticate": "Bearer"}
     if isinstance(exc, Overloaded):
-        # Retry-After takes whole seconds; round up so clients never come back early.
-        return {"Retry-After": str(max(1, int(-(-exc.retry_after_s // 1))))}
+        # Retry-After takes whole seconds; round up so clients never come back early. The
+        # millisecond form (as OpenAI-style APIs send it) keeps the estimate's precision.
+        return {
+            "Retry-After": str(max(1, int(-(-exc.retry_after_s // 1)))),
+            "retry-after-ms": str(max(1, round(exc.retry_after_s * 1000))),
+        }
     return {}

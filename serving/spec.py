@@ -261,12 +261,70 @@ class QueueSpec(_Spec):
         default=64,
         ge=0,
         le=1_000_000,
-        description="Requests allowed to wait for a replica per caller; beyond it requests get 429. "
-        "Bounded by design: an unbounded queue turns overload into timeouts.",
+        description="Requests allowed to wait for this deployment, deployment-wide (with the gateway; per caller "
+        "without it); beyond it requests get 429. Bounded by design: an unbounded queue turns overload into timeouts.",
     )
     retry_after_s: float = Field(
-        default=1.0, ge=0, le=3600, description="Retry-After sent with a 429 when the queue is full."
+        default=1.0,
+        ge=0,
+        le=3600,
+        description="Retry-After sent with a 429 when the wait cannot be estimated yet (no request completed) or "
+        "the gateway is off; otherwise it is computed from the live drain rate, the queue and starting replicas.",
     )
+    gateway: bool = Field(
+        default=True,
+        description="Admit requests at one gateway per deployment: a deployment-wide bounded queue, priority "
+        "classes, deadlines, computed Retry-After and request counters. False leaves only Ray Serve's "
+        "per-caller queues (one less hop, none of those).",
+    )
+    priorities: list[str] = Field(
+        default_factory=lambda: ["interactive", "batch"],
+        min_length=1,
+        max_length=8,
+        description="Priority classes, highest first, chosen per request with the X-Gpuserve-Priority header. "
+        "Under overload lower classes are shed first and wait behind higher ones.",
+    )
+    default_priority: Optional[str] = Field(
+        default=None, description="Class of a request without the header; None means the first (highest) class."
+    )
+    default_timeout_s: Optional[float] = Field(
+        default=None,
+        gt=0,
+        le=86_400,
+        description="Deadline of a request without an X-Gpuserve-Timeout-S header, seconds from arrival: a request "
+        "that cannot be answered in time gets 429 at admission, one still queued at its deadline gets 504. "
+        "None: no deadline.",
+    )
+    drain_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="A replica being removed (scale-down, update) finishes its running requests for up to this long "
+        "before it is stopped; the gateway sends it no new ones meanwhile.",
+    )
+
+    @field_validator("priorities")
+    @classmethod
+    def _class_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not re.match(r"^[a-z][a-z0-9_-]{0,31}$", name):
+                raise ValueError(
+                    f"queue.priorities: class name ({name!r}) must be 1-32 lowercase letters, digits, '_' or '-', "
+                    "starting with a letter; e.g. 'interactive'"
+                )
+        if len(set(v)) != len(v):
+            raise ValueError(f"queue.priorities ({v}) must not repeat a class; remove the duplicates")
+        return v
+
+    @model_validator(mode="after")
+    def _default_class_known(self) -> "QueueSpec":
+        if self.default_priority is not None and self.default_priority not in self.priorities:
+            raise ValueError(
+                f"queue.default_priority ({self.default_priority!r}) must be one of queue.priorities "
+                f"({', '.join(self.priorities)}); pick one of them or add it to priorities"
+            )
+        return self
+
     max_request_body_bytes: int = Field(
         default=1_048_576, ge=64, le=1 << 30, description="Largest request body accepted, in bytes."
     )

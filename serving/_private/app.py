@@ -4,18 +4,27 @@ from __future__ import annotations
 
 from typing import Any
 
-from serving._private.options import deployment_options
+from serving._private.options import deployment_options, gateway_options
 from serving.spec import ModelDeployment
 
 
 def build_application(spec: ModelDeployment, pool: Any = None) -> Any:
-    """Return a bound ``ray.serve.Application`` serving ``spec`` (pinned to ``pool`` if given)."""
+    """Return a bound ``ray.serve.Application`` serving ``spec`` (pinned to ``pool`` if given).
+
+    With ``queue.gateway`` (the default) the application's ingress is the admission
+    gateway and the model deployment is reached only through it.
+    """
     from ray import serve
 
-    from serving._private.server import ModelServer
+    from serving._private.server import HttpModelServer, ModelServer
 
-    deployment = serve.deployment(ModelServer).options(**deployment_options(spec, pool))
-    return deployment.bind(replica_init_spec(spec))
+    init = replica_init_spec(spec)
+    if not spec.queue.gateway:
+        return serve.deployment(HttpModelServer).options(**deployment_options(spec, pool)).bind(init)
+    from serving._private.gateway import Gateway
+
+    model = serve.deployment(ModelServer).options(**deployment_options(spec, pool)).bind(init)
+    return serve.deployment(Gateway).options(**gateway_options(spec)).bind(init, model)
 
 
 # Scaling fields change how many replicas run, not what a replica does: keep

@@ -14,7 +14,16 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from serving.errors import InvalidRequest, PayloadTooLarge, error_body, http_headers_for, http_status_for
+from serving.errors import (
+    GpuserveError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    error_body,
+    http_headers_for,
+    http_status_for,
+)
 
 # Serve writes the "ray.serve" logger into each replica's own log file, with the replica id.
 logger = logging.getLogger("ray.serve")
@@ -62,3 +71,13 @@ def error_response(exc: BaseException) -> JSONResponse:
     if status >= 500:
         logger.error("gpuserve: internal error while serving a request", exc_info=exc)
     return JSONResponse(error_body(exc), status_code=status, headers=http_headers_for(exc))
+
+
+def not_found_response(request: Request, exc: Any) -> JSONResponse:
+    """Starlette's own 404/405 (unknown path, wrong method) in OpenAI's error shape, like every other error."""
+    err: GpuserveError
+    if getattr(exc, "status_code", 404) == 405:
+        err = MethodNotAllowed(f"method {request.method} is not allowed on {request.url.path}", code="method_not_allowed")
+    else:
+        err = NotFound(f"no route {request.method} {request.url.path}; see /v1/models", code="not_found")
+    return error_response(err)

@@ -141,3 +141,43 @@ def start_gpu_metrics(deployment: str, replica: str, telemetry) -> None:
             time.sleep(REFRESH_PERIOD_S)
 
     threading.Thread(target=_refresh_forever, name="gpuserve-gpu-metrics", daemon=True).start()
+
+
+class AdmissionMetrics:
+    """The gateway's request counters and queue gauges.
+
+    ``gpuserve_requests_received_total`` equals the sum of ``gpuserve_requests_total``
+    over its ``outcome`` (served, rejected, expired, failed) once nothing is pending;
+    ``reason`` says why (e.g. ``queue_full``, ``shed``, ``deadline``, ``http_400``).
+    """
+
+    def __init__(self, deployment: str):
+        from ray.util.metrics import Counter, Gauge
+
+        self._tags = {"deployment": deployment}
+        self.received = Counter("gpuserve_requests_received", "Requests that reached the gateway.", ("deployment",))
+        self.outcomes = Counter(
+            "gpuserve_requests",
+            "Requests answered by the gateway, by outcome and reason.",
+            ("deployment", "outcome", "reason"),
+        )
+        self.queued = Gauge(
+            "gpuserve_queue_length", "Requests waiting in the gateway's queue, by class.", ("deployment", "priority")
+        )
+        self.in_flight = Gauge("gpuserve_in_flight_requests", "Requests dispatched to replicas.", ("deployment",))
+        self.capacity = Gauge(
+            "gpuserve_capacity_requests", "Requests the running replicas take at once.", ("deployment",)
+        )
+
+    def arrived(self) -> None:
+        self.received.inc(1, self._tags)
+
+    def answered(self, outcome: str, reason: str) -> None:
+        self.outcomes.inc(1, {**self._tags, "outcome": outcome, "reason": reason})
+
+    def gauges(self, queued_by_class: dict[str, int], in_flight: int, capacity: int) -> None:
+        # Set every poll: Ray drops a gauge value that is not set again within tens of seconds.
+        for name, n in queued_by_class.items():
+            self.queued.set(n, {**self._tags, "priority": name})
+        self.in_flight.set(in_flight, self._tags)
+        self.capacity.set(capacity, self._tags)

@@ -43,6 +43,32 @@ def _policy_kwargs(spec: ModelDeployment, pool: Optional["NodePool"]) -> dict[st
     return kwargs
 
 
+# The gateway admits or rejects every request itself; Ray must hand it all of them at once.
+GATEWAY_MAX_ONGOING_REQUESTS = 100_000
+
+
+def gateway_name(spec: ModelDeployment) -> str:
+    """The gateway deployment's name in the application."""
+    return f"{spec.name}-gateway"
+
+
+def gateway_options(spec: ModelDeployment) -> dict[str, Any]:
+    """Options of the admission gateway: one replica (one queue), on the head node, no CPU reserved.
+
+    It only waits on I/O; the head is where the proxies and the controller already run, and
+    keeping it there keeps CPU work off the GPU pools.
+    """
+    return {
+        "name": gateway_name(spec),
+        "num_replicas": 1,
+        "max_ongoing_requests": GATEWAY_MAX_ONGOING_REQUESTS,
+        "max_queued_requests": -1,
+        "ray_actor_options": {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}},
+        "health_check_period_s": spec.health.check_period_s,
+        "health_check_timeout_s": spec.health.check_timeout_s,
+    }
+
+
 def deployment_options(spec: ModelDeployment, pool: Optional["NodePool"] = None) -> dict[str, Any]:
     """Keyword arguments for ``serve.deployment(...).options(**kw)``.
 
@@ -64,8 +90,11 @@ def deployment_options(spec: ModelDeployment, pool: Optional["NodePool"] = None)
         "name": spec.name,
         "ray_actor_options": actor,
         "max_ongoing_requests": spec.queue.max_ongoing_requests,
-        "max_queued_requests": spec.queue.max_queued_requests,
+        # Behind the gateway the model's only caller is the gateway, which never sends more than the
+        # running replicas take: the bound is the gateway's, deployment-wide.
+        "max_queued_requests": -1 if spec.queue.gateway else spec.queue.max_queued_requests,
         "backpressure_config": {"status_code": 429, "retry_after_s": spec.queue.retry_after_s},
+        "graceful_shutdown_timeout_s": spec.queue.drain_timeout_s,
         "health_check_period_s": spec.health.check_period_s,
         "health_check_timeout_s": spec.health.check_timeout_s,
         "max_constructor_retry_count": MAX_CONSTRUCTOR_RETRY_COUNT,

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from serving._private.auth import authorized, load_api_keys
-from serving._private.http import error_response, read_json
+from serving._private.http import error_response, not_found_response, read_json
 from serving._private.memory import free_cache_for, memory_budget_bytes, probe_for
 from serving._private.oom import BatchRunner, MemoryModel, Outcome
 from serving._private.metrics import record_lifecycle, record_oom, start_gpu_metrics
@@ -31,7 +31,7 @@ from serving._private.registry import resolve_task
 from serving._private.signals import MEMORY_HEADROOM, LoadSignals
 from serving._private.warmup import WarmupReport, derive_stall_after_s, plan_shapes, run_warmup
 from serving._private.watchdog import StallWatchdog
-from serving.errors import GpuserveError, MethodNotAllowed, ModelNotReady, NotFound, Unauthorized, error_body
+from serving.errors import ModelNotReady, NotFound, Unauthorized, error_body
 from serving.gpu import GpuTelemetry
 from serving.spec import ModelDeployment
 
@@ -46,13 +46,7 @@ api = FastAPI(title="gpuserve", description="OpenAI-compatible model serving on 
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    # Unknown paths and wrong methods get OpenAI's error shape, like every other error.
-    err: GpuserveError
-    if exc.status_code == 405:
-        err = MethodNotAllowed(f"method {request.method} is not allowed on {request.url.path}", code="method_not_allowed")
-    else:
-        err = NotFound(f"no route {request.method} {request.url.path}; see /v1/models", code="not_found")
-    return error_response(err)
+    return not_found_response(request, exc)
 
 
 def _replica_id() -> str:
@@ -71,7 +65,11 @@ def _node_id() -> "str | None":
         return None
 
 
-@serve.ingress(api)
+def _plain_headers(resp: Response) -> dict[str, str]:
+    # The gateway's response sets its own length.
+    return {k: v for k, v in resp.headers.items() if k != "content-length"}
+
+
 class ModelServer:
     """One replica: a loaded, warmed task behind ``/v1/*``.
 
@@ -209,20 +207,18 @@ class ModelServer:
         if self._api_keys is not None and not authorized(request.headers.get("authorization"), self._api_keys):
             raise Unauthorized()
 
-    async def _serve_endpoint(self, endpoint: str, request: Request) -> Response:
+    async def _answer(self, endpoint: str, body: Any, arrivals: int = 1) -> Response:
+        """Serve one parsed request body; every error leaves as an OpenAI error response."""
         try:
-            # Before the body is read: an unauthenticated client costs no parsing.
-            self._check_auth(request)
             if endpoint not in self.task.endpoints:
                 raise NotFound(
                     f"/v1/{endpoint} is not served by this deployment (task {self.spec.task!r} serves "
                     f"{', '.join('/v1/' + e for e in sorted(self.task.endpoints))})",
                     code="not_found",
                 )
-            body = await read_json(request, self.spec.queue.max_request_body_bytes)
             item = self.task.parse(endpoint, body)
             t0 = time.monotonic()
-            self.signals.arrival(t0)
+            self.signals.arrival(t0, arrivals)
             if self.task.wants_stream(item):
                 resp: Response = StreamingResponse(self._sse(item, t0), media_type="text/event-stream")
             else:
@@ -232,6 +228,40 @@ class ModelServer:
             resp = error_response(e)
         resp.headers[REPLICA_HEADER] = self.replica_id
         return resp
+
+    async def _serve_endpoint(self, endpoint: str, request: Request) -> Response:
+        # Direct HTTP (queue.gateway off): this replica is the ingress.
+        try:
+            # Before the body is read: an unauthenticated client costs no parsing.
+            self._check_auth(request)
+            body = await read_json(request, self.spec.queue.max_request_body_bytes)
+        except Exception as e:  # noqa: BLE001
+            resp = error_response(e)
+            resp.headers[REPLICA_HEADER] = self.replica_id
+            return resp
+        return await self._answer(endpoint, body)
+
+    # -- the gateway's calls (DeploymentHandle, not HTTP) ------------------------
+
+    async def call(self, endpoint: str, body: Any, arrivals: int = 1) -> tuple[int, dict[str, str], bytes]:
+        """Serve a request the gateway admitted; returns status, headers and the JSON body."""
+        resp = await self._answer(endpoint, body, arrivals)
+        return resp.status_code, _plain_headers(resp), bytes(resp.body)
+
+    async def call_stream(self, endpoint: str, body: Any, arrivals: int = 1) -> AsyncIterator[Any]:
+        """Like ``call`` for a streaming request: yields (status, headers) first, then the body's chunks."""
+        resp = await self._answer(endpoint, body, arrivals)
+        yield resp.status_code, _plain_headers(resp)
+        if isinstance(resp, StreamingResponse):
+            async for chunk in resp.body_iterator:
+                yield chunk
+        else:
+            yield bytes(resp.body)
+
+    async def call_get(self, route: str) -> tuple[int, dict[str, str], bytes]:
+        """The gateway's forward of ``GET /health`` or ``GET /v1/models`` (auth already checked)."""
+        resp = await (self.health() if route == "health" else self._models_reply())
+        return resp.status_code, _plain_headers(resp), bytes(resp.body)
 
     # -- routes ----------------------------------------------------------------
 
@@ -252,6 +282,9 @@ class ModelServer:
             self._check_auth(request)
         except Unauthorized as e:
             return error_response(e)
+        return await self._models_reply()
+
+    async def _models_reply(self) -> Response:
         model = {"id": self.spec.served_name, "object": "model", "created": int(self.ready_at_s), "owned_by": "gpuserve"}
         return JSONResponse({"object": "list", "data": [model]})
 
@@ -305,3 +338,8 @@ class ModelServer:
         if reason is not None:
             logger.error("gpuserve: replica %s unhealthy: %s", self.replica_id, reason)
             raise RuntimeError(reason)
+
+
+# The replica as the application's own HTTP ingress (queue.gateway off). Behind the gateway the
+# plain class serves: an application has one FastAPI ingress, and the gateway is it.
+HttpModelServer = serve.ingress(api)(ModelServer)

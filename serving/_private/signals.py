@@ -23,11 +23,13 @@ class LoadSignals:
 
     def __init__(self, started_s: float, startup_s: float, window_s: float = 30.0):
         self.started_s, self.startup_s, self.window_s = started_s, startup_s, window_s
-        self._arrivals: deque[float] = deque()
+        self._arrivals: deque[tuple[float, int]] = deque()
         self._service: deque[tuple[float, float]] = deque()
 
-    def arrival(self, now_s: float) -> None:
-        self._arrivals.append(now_s)
+    def arrival(self, now_s: float, count: int = 1) -> None:
+        """Count arrivals; behind the gateway one dispatched request carries the requests that arrived
+        (admitted or not) since the previous one, so rejected demand still reaches the autoscaler."""
+        self._arrivals.append((now_s, count))
 
     def served(self, now_s: float, service_s: float) -> None:
         self._service.append((now_s, service_s))
@@ -35,11 +37,11 @@ class LoadSignals:
     def snapshot(self, now_s: float) -> dict[str, float]:
         """The signals as Ray's custom autoscaling metrics (names shared with the policy adapter)."""
         horizon = now_s - self.window_s
-        while self._arrivals and self._arrivals[0] < horizon:
+        while self._arrivals and self._arrivals[0][0] < horizon:
             self._arrivals.popleft()
         while self._service and self._service[0][0] < horizon:
             self._service.popleft()
         # A young replica has not seen a whole window yet: divide by what it has seen.
         span = max(1e-3, min(self.window_s, now_s - self.started_s))
         mean = sum(s for _, s in self._service) / len(self._service) if self._service else 0.0
-        return {ARRIVALS: len(self._arrivals) / span, SERVICE: mean, STARTUP: self.startup_s}
+        return {ARRIVALS: sum(n for _, n in self._arrivals) / span, SERVICE: mean, STARTUP: self.startup_s}

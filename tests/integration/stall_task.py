@@ -1,5 +1,7 @@
 """A user task (loaded by import path) whose request path can be stalled on purpose."""
 
+import os
+import tempfile
 import threading
 
 from deployments.embeddings import EmbeddingsTask
@@ -48,3 +50,29 @@ class OomInjectingTask(EmbeddingsTask):
 
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by the test task)")
         return super().run_batch(items)
+
+
+# Every text starting with "SEEN:" that reaches the model is appended here, so a test can prove a
+# request never reached the model (shed, expired).
+SEEN_LOG = os.path.join(tempfile.gettempdir(), "gpuserve-test-seen.log")
+
+
+class RecordingSlowTask(SlowEmbeddingsTask):
+    """SlowEmbeddingsTask that logs the 'SEEN:' texts it runs, in the order it runs them."""
+
+    def run_batch(self, items):
+        out = super().run_batch(items)
+        seen = [t for it in items for t in it.texts if t.startswith("SEEN:")]
+        if seen:
+            with open(SEEN_LOG, "a", encoding="utf-8") as f:
+                f.writelines(t + "\n" for t in seen)
+        return out
+
+
+def seen_texts() -> list[str]:
+    """The 'SEEN:' texts the model ran, oldest first."""
+    try:
+        with open(SEEN_LOG, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []

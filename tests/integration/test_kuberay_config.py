@@ -22,8 +22,13 @@ def test_the_builder_builds_each_configured_deployment_with_the_configured_optio
     docs = render(load_spec(target), RenderOptions(import_path=target))
     for app_cfg in yaml.safe_load(docs[0]["spec"]["serveConfigV2"])["applications"]:
         app = build(app_cfg["args"])
-        [want] = app_cfg["deployments"]
-        got = app._bound_deployment
+        want, want_gateway = app_cfg["deployments"]
+        # The admission gateway is the ingress; the model deployment is bound into it.
+        gateway = app._bound_deployment
+        assert gateway.name == want_gateway["name"] == f"{want['name']}-gateway"
+        assert gateway.num_replicas == want_gateway["num_replicas"] == 1
+        assert gateway.ray_actor_options == want_gateway["ray_actor_options"]
+        got = gateway.init_args[1]._bound_deployment
         assert got.name == want["name"]
         assert got.ray_actor_options["label_selector"] == want["ray_actor_options"]["label_selector"]
         assert got.max_ongoing_requests == want["max_ongoing_requests"]

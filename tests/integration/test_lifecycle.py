@@ -15,6 +15,8 @@ from tests.conftest import MINILM
 from tests.integration.stall_task import STALL_TEXT
 
 REPLICA = "x-gpuserve-replica"
+# Serve's access-log line for a request the admission gateway passed to a model replica.
+SERVED_LINE = "CALL call OK"
 
 
 def replica_log(deployment_app: str, deployment: str, replica: str) -> list[str]:
@@ -85,11 +87,11 @@ def test_new_replica_gets_no_request_before_warm_up_finished(deploy, serve_insta
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         lines = replica_log("scaled", "scaled", new)
-        if any("POST /scaled/v1/embeddings" in line for line in lines):
+        if any(SERVED_LINE in line for line in lines):
             break
         time.sleep(0.5)
     ready_idx = next(i for i, line in enumerate(lines) if "gpuserve: replica ready" in line)
-    request_idx = [i for i, line in enumerate(lines) if "POST /scaled/v1/embeddings" in line]
+    request_idx = [i for i, line in enumerate(lines) if SERVED_LINE in line]
     assert request_idx, f"the new replica served requests; its log: {lines[:8]}"
     assert min(request_idx) > ready_idx, "a request was handled before warm-up finished"
     ready = json.loads(lines[ready_idx].split("gpuserve: replica ready ", 1)[1])

@@ -86,3 +86,17 @@ def test_connection_refused_is_retried_until_the_deadline():
         with pytest.raises(httpx.ConnectError):
             c.embeddings("x")
     assert len(slept) == 3
+
+
+def test_priority_and_remaining_deadline_travel_with_every_attempt_and_ms_retry_after_wins():
+    clock = Clock()
+    c = Client("http://unused", deadline_s=10, priority="batch", clock=clock, policy=RetryPolicy(spread=0.0))
+    clock.t = 4.0
+    h = c._attempt_headers(started=0.0)
+    assert h["x-gpuserve-priority"] == "batch" and float(h["x-gpuserve-timeout-s"]) == pytest.approx(6.0)
+    # The millisecond form keeps the server's estimate: 0.25 s, not the whole-second ceiling of 1 s.
+    r = httpx.Response(429, headers={"retry-after": "1", "retry-after-ms": "250"}, json={})
+    assert c._next_wait(r, attempt=1, started=0.0) == pytest.approx(0.25)
+    r = httpx.Response(429, headers={"retry-after": "1", "retry-after-ms": "junk"}, json={})
+    assert c._next_wait(r, attempt=1, started=0.0) == pytest.approx(1.0)
+    c.close()

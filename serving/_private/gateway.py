@@ -1,0 +1,383 @@
+"""The admission gateway: one per deployment, the application's HTTP ingress.
+
+Every request for the deployment passes through this one replica, so its queue
+bound holds deployment-wide whatever the number of proxies and handles. It
+checks the API key, reads the priority class and deadline, and admits or
+rejects at once (429 with a computed Retry-After). Admitted requests wait here,
+highest class first, and go to the model replicas through a DeploymentHandle
+only when a replica slot is free, so a queued request whose deadline passes is
+answered 504 without ever reaching the model. The queue logic is pure
+(``serving/_private/admission.py``); this module is its Ray and HTTP glue.
+"""
+
+
+import asyncio
+import logging
+import time
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import FastAPI
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from serving._private.admission import (
+    EXPIRED,
+    FAILED,
+    REJECTED,
+    SERVED,
+    AdmissionQueue,
+    DrainModel,
+    Rejection,
+    StartupTracker,
+    Ticket,
+)
+from serving._private.auth import authorized, load_api_keys
+from serving._private.http import error_response, not_found_response, read_json
+from serving._private.metrics import AdmissionMetrics
+from serving.client import PRIORITY_HEADER, TIMEOUT_HEADER
+from serving.errors import (
+    GpuserveError,
+    InvalidRequest,
+    ModelNotReady,
+    Overloaded,
+    RequestExpired,
+    Unauthorized,
+    http_status_for,
+)
+from serving.spec import ModelDeployment
+
+logger = logging.getLogger("ray.serve")
+
+# How often the gateway reads the deployment's replica counts from the Serve controller:
+# fast enough that a new replica gets work within a second of becoming ready.
+POLL_PERIOD_S = 0.5
+# A request Ray could not deliver to a replica (it was going away) is tried again this many times.
+MAX_HAND_BACKS = 3
+# GET /health and /v1/models wait at most this long for a replica to answer.
+FORWARD_TIMEOUT_S = 3.0
+
+_GO = "go"
+_EXPIRED = "expired"
+
+gateway_api = FastAPI(title="gpuserve", description="OpenAI-compatible model serving with admission control.")
+
+
+@gateway_api.exception_handler(StarletteHTTPException)
+async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return not_found_response(request, exc)
+
+
+def _replica_states(app: str, deployment: str) -> tuple[int, int]:
+    """(running, starting) replicas of ``deployment`` from the Serve controller (blocking)."""
+    st = serve.status()
+    dep = st.applications[app].deployments[deployment]
+    states = {str(getattr(k, "value", k)): v for k, v in dep.replica_states.items()}
+    return states.get("RUNNING", 0), states.get("STARTING", 0)
+
+
+@serve.ingress(gateway_api)
+class Gateway:
+    """The deployment-wide admission queue in front of a model deployment.
+
+    Args:
+        spec: The ModelDeployment as a JSON-able dict.
+        model: Handle to the model deployment (``ModelServer``).
+    """
+
+    def __init__(self, spec: dict[str, Any], model: Any):
+        self.spec = ModelDeployment.model_validate(spec)
+        q = self.spec.queue
+        self._model = model
+        self._api_keys = load_api_keys(self.spec.auth) if self.spec.auth else None
+        self.drain = DrainModel(q.max_ongoing_requests, q.retry_after_s)
+        self.queue = AdmissionQueue(q.max_queued_requests, tuple(q.priorities), self.drain)
+        self._default_class = q.priorities.index(q.default_priority or q.priorities[0])
+        self._startup = StartupTracker()
+        self._arrivals_since_dispatch = 0
+        self._metrics = AdmissionMetrics(self.spec.name)
+        self._poller: "Optional[asyncio.Task]" = None
+        self._first_poll: "Optional[asyncio.Event]" = None
+        ctx = serve.get_replica_context()
+        self._app = ctx.app_name
+
+    # -- replica counts ---------------------------------------------------------
+
+    async def _ensure_poller(self) -> None:
+        if self._poller is None:
+            self._first_poll = asyncio.Event()
+            self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
+        await self._first_poll.wait()  # type: ignore[union-attr]
+
+    async def _poll_forever(self) -> None:
+        while True:
+            try:
+                running, starting = await asyncio.to_thread(_replica_states, self._app, self.spec.name)
+            except Exception as e:  # noqa: BLE001 - keep the last counts; the controller may be restarting
+                logger.warning("gpuserve: gateway could not read replica counts: %s", e)
+            else:
+                remaining = self._startup.observe(time.monotonic(), running, starting)
+                self.drain.replicas(running, starting, remaining)
+                self._pump()
+            self._first_poll.set()  # type: ignore[union-attr]
+            self._metrics.gauges(self.queue.queued_by_class(), self.queue.in_flight, self.drain.capacity)
+            await asyncio.sleep(POLL_PERIOD_S)
+
+    # -- admission ----------------------------------------------------------------
+
+    def _answered(self, outcome: str, reason: str) -> None:
+        self.queue.record(outcome, reason)
+        self._metrics.answered(outcome, reason)
+
+    def _pump(self) -> None:
+        """Dispatch queued requests while replica slots are free."""
+        while (t := self.queue.next_to_run()) is not None:
+            t.handle.set_result(_GO)  # type: ignore[union-attr]
+
+    def _expire(self, ticket: Ticket) -> None:
+        if self.queue.remove(ticket):
+            ticket.handle.set_result(_EXPIRED)  # type: ignore[union-attr]
+
+    def _class_and_deadline(self, request: Request, now_s: float) -> tuple[int, Optional[float]]:
+        q = self.spec.queue
+        name = request.headers.get(PRIORITY_HEADER)
+        if name is None:
+            priority = self._default_class
+        elif name.strip().lower() in q.priorities:
+            priority = q.priorities.index(name.strip().lower())
+        else:
+            raise InvalidRequest(
+                f"header {PRIORITY_HEADER} ({name[:64]!r}) must be one of this deployment's classes "
+                f"({', '.join(q.priorities)}); send one of them or leave the header out",
+                param=PRIORITY_HEADER,
+                code="invalid_priority",
+            )
+        raw = request.headers.get(TIMEOUT_HEADER)
+        if raw is None:
+            timeout_s = q.default_timeout_s
+        else:
+            try:
+                timeout_s = float(raw)
+            except ValueError:
+                timeout_s = float("nan")
+            if not (0 < timeout_s <= 86_400):  # also refuses nan and inf
+                raise InvalidRequest(
+                    f"header {TIMEOUT_HEADER} ({raw[:64]!r}) must be seconds, a number > 0 and <= 86400; "
+                    "e.g. 2.5",
+                    param=TIMEOUT_HEADER,
+                    code="invalid_timeout",
+                )
+        return priority, (None if timeout_s is None else now_s + timeout_s)
+
+    def _check_auth(self, request: Request) -> None:
+        if self._api_keys is not None and not authorized(request.headers.get("authorization"), self._api_keys):
+            raise Unauthorized()
+
+    async def _admit_and_forward(self, endpoint: str, request: Request) -> Response:
+        now = time.monotonic()
+        self.queue.arrived()
+        self._metrics.arrived()
+        try:
+            # Before the body is read: an unauthenticated client costs no parsing.
+            self._check_auth(request)
+            priority, deadline_s = self._class_and_deadline(request, now)
+            body = await read_json(request, self.spec.queue.max_request_body_bytes)
+        except Exception as e:  # noqa: BLE001 - every error leaves as an OpenAI error body
+            self._answered(REJECTED, "unauthorized" if isinstance(e, Unauthorized) else f"http_{http_status_for(e)}")
+            return error_response(e)
+        await self._ensure_poller()
+        self._arrivals_since_dispatch += 1
+        admission = self.queue.offer(time.monotonic(), priority, deadline_s)
+        for victim, why in admission.shed:
+            victim.handle.set_result(why)  # type: ignore[union-attr]
+        if admission.rejection is not None:
+            return self._reject(admission.rejection)
+        ticket = admission.ticket
+        assert ticket is not None
+        return await self._wait_and_forward(ticket, endpoint, body)
+
+    def _reject(self, why: Rejection) -> Response:
+        self._answered(REJECTED, why.reason)
+        return error_response(Overloaded(why.message, retry_after_s=why.retry_after_s, code=why.reason))
+
+    async def _wait_and_forward(self, ticket: Ticket, endpoint: str, body: Any) -> Response:
+        loop = asyncio.get_running_loop()
+        timer = None
+        if ticket.deadline_s is not None:
+            timer = loop.call_later(max(0.0, ticket.deadline_s - time.monotonic()), self._expire, ticket)
+        try:
+            for _ in range(MAX_HAND_BACKS + 1):
+                ticket.handle = loop.create_future()
+                self._pump()
+                try:
+                    verdict = await ticket.handle
+                except asyncio.CancelledError:
+                    # The client went away while its request waited: take it out, or give its slot back.
+                    fut = ticket.handle
+                    dispatched = fut.done() and not fut.cancelled() and fut.result() == _GO
+                    if not self.queue.remove(ticket) and dispatched:
+                        self.queue.finished(None)
+                        self._pump()
+                    self._answered(FAILED, "client_disconnected")
+                    raise
+                if isinstance(verdict, Rejection):
+                    return self._reject(verdict)
+                if verdict == _EXPIRED:
+                    self._answered(EXPIRED, "deadline")
+                    return error_response(
+                        RequestExpired(
+                            "the request's deadline passed while it waited in the queue; it was not run. "
+                            "Retry with a longer X-Gpuserve-Timeout-S or when the deployment is less busy",
+                            code="deadline_expired",
+                        )
+                    )
+                resp = await self._forward(ticket, endpoint, body)
+                if resp is not None:
+                    return resp
+            self._answered(FAILED, "replicas_gone")
+            return error_response(
+                ModelNotReady("the replicas running this request went away repeatedly; retry", code="replicas_gone")
+            )
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    async def _forward(self, ticket: Ticket, endpoint: str, body: Any) -> Optional[Response]:
+        """Run a dispatched request on a replica. None: the replica went away first, the ticket is queued again."""
+        from ray.exceptions import ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import BackPressureError
+
+        arrivals, self._arrivals_since_dispatch = max(1, self._arrivals_since_dispatch), 0
+        started = time.monotonic()
+        stream = isinstance(body, dict) and body.get("stream") is True
+        try:
+            if stream:
+                gen = self._model.options(stream=True).call_stream.remote(endpoint, body, arrivals)
+                status, headers = await gen.__anext__()
+                if status != 200:
+                    chunk = await gen.__anext__()
+                    return self._done(ticket, started, Response(chunk, status_code=status, headers=headers))
+                return StreamingResponse(
+                    self._relay(gen, ticket, started), status_code=status, headers=headers
+                )
+            status, headers, payload = await self._model.call.remote(endpoint, body, arrivals)
+            return self._done(ticket, started, Response(payload, status_code=status, headers=headers))
+        except (ActorUnavailableError, BackPressureError) as e:
+            # Ray could not deliver it (the replica is going away or momentarily unreachable): the
+            # request never ran, so it is handed back to the head of its class, not failed.
+            logger.warning("gpuserve: request handed back to the queue (%s)", type(e).__name__)
+            self.queue.requeue(ticket)
+            return None
+        except RayActorError:
+            # The replica died while running it. The request may be what killed it (a poison input),
+            # so it is answered, not retried on the next replica.
+            self.queue.finished(None)
+            self._pump()
+            self._answered(FAILED, "replica_died")
+            return error_response(
+                ModelNotReady(
+                    "the replica running this request died before answering; it was not retried in case the "
+                    "request caused it. Retry if it was not",
+                    code="replica_died",
+                )
+            )
+        except asyncio.CancelledError:
+            self.queue.finished(None)
+            self._pump()
+            self._answered(FAILED, "client_disconnected")
+            raise
+        except Exception as e:  # noqa: BLE001
+            self.queue.finished(None)
+            self._pump()
+            self._answered(FAILED, f"http_{http_status_for(e)}")
+            return error_response(e)
+
+    def _done(self, ticket: Ticket, started_s: float, resp: Response) -> Response:
+        self.queue.finished(time.monotonic() - started_s)
+        self._pump()
+        if resp.status_code < 400:
+            self._answered(SERVED, "ok")
+        else:
+            # The model refused the request (e.g. input too long for the model): answered, not served.
+            self._answered(FAILED, f"http_{resp.status_code}")
+        return resp
+
+    async def _relay(self, gen: Any, ticket: Ticket, started_s: float) -> AsyncIterator[bytes]:
+        ok = False
+        try:
+            async for chunk in gen:
+                yield chunk
+            ok = True
+        finally:
+            # The slot is busy for the whole stream; a client that leaves mid-stream stops it.
+            if not ok:
+                gen.cancel()
+            self.queue.finished(time.monotonic() - started_s if ok else None)
+            self._pump()
+            if ok:
+                self._answered(SERVED, "ok")
+            else:
+                self._answered(FAILED, "stream_interrupted")
+
+    # -- routes --------------------------------------------------------------------
+
+    @gateway_api.post("/v1/embeddings")
+    async def embeddings(self, request: Request) -> Response:
+        """OpenAI embeddings, admitted through the queue."""
+        return await self._admit_and_forward("embeddings", request)
+
+    @gateway_api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        """OpenAI completions (``stream: true`` for server-sent events), admitted through the queue."""
+        return await self._admit_and_forward("completions", request)
+
+    async def _forward_get(self, route: str, request: Request) -> Response:
+        try:
+            if route != "health":
+                self._check_auth(request)
+            status, headers, payload = await asyncio.wait_for(
+                self._model.call_get.remote(route), timeout=FORWARD_TIMEOUT_S
+            )
+        except asyncio.TimeoutError:
+            return error_response(ModelNotReady("no replica answered; the model is not ready", code="model_not_ready"))
+        except GpuserveError as e:
+            return error_response(e)
+        return Response(payload, status_code=status, headers=headers)
+
+    @gateway_api.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        """The one model this deployment serves."""
+        return await self._forward_get("models", request)
+
+    @gateway_api.get("/health")
+    async def health(self, request: Request) -> Response:
+        """Readiness of a model replica (forwarded)."""
+        return await self._forward_get("health", request)
+
+    @gateway_api.get("/admission")
+    async def admission(self, request: Request) -> Response:
+        """The queue, its counters and the drain estimate (JSON)."""
+        try:
+            self._check_auth(request)
+        except Unauthorized as e:
+            return error_response(e)
+        await self._ensure_poller()
+        d = self.drain
+        return JSONResponse(
+            {
+                "deployment": self.spec.name,
+                "max_queued_requests": self.queue.max_queued,
+                "queued": self.queue.queued_by_class(),
+                "in_flight": self.queue.in_flight,
+                "capacity": d.capacity,
+                "replicas": {"running": d.running, "starting": d.starting, "startup_remaining_s": d.startup_remaining_s},
+                "mean_service_s": d.mean_service_s,
+                "drain_rate_per_s": None if d.per_replica_rate_per_s() is None else d.running * d.per_replica_rate_per_s(),
+                "counts": self.queue.counts(),
+                "outcomes": [
+                    {"outcome": o, "reason": r, "count": n} for (o, r), n in sorted(self.queue.outcomes.items())
+                ],
+            }
+        )
+
