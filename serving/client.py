@@ -24,7 +24,16 @@ from typing import Any, Callable, Optional
 
 import httpx
 
-__all__ = ["AsyncClient", "Client", "DeadlineExceeded", "RequestFailed", "RetryPolicy", "retry_after_s"]
+__all__ = [
+    "PRIORITY_HEADER",
+    "TIMEOUT_HEADER",
+    "AsyncClient",
+    "Client",
+    "DeadlineExceeded",
+    "RequestFailed",
+    "RetryPolicy",
+    "retry_after_s",
+]
 
 RETRYABLE_STATUS = frozenset({429, 503})
 

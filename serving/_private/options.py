@@ -64,6 +64,9 @@ def gateway_options(spec: ModelDeployment) -> dict[str, Any]:
         "max_ongoing_requests": GATEWAY_MAX_ONGOING_REQUESTS,
         "max_queued_requests": -1,
         "ray_actor_options": {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}},
+        # The proxy already writes an access-log line per request; a second one here costs the
+        # rejection path time and says nothing new.
+        "logging_config": {"enable_access_log": False},
         "health_check_period_s": spec.health.check_period_s,
         "health_check_timeout_s": spec.health.check_timeout_s,
     }

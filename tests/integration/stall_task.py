@@ -27,14 +27,19 @@ class FailingWarmupTask(EmbeddingsTask):
         return super().run_batch(items)
 
 
+def hold_model(items, default_s=0.2):
+    """Block the model thread for the longest 'SLOW:<seconds>' text in the batch (default_s without one)."""
+    import time
+
+    hold = [float(t.split(":", 1)[1]) for it in items for t in it.texts if t.startswith("SLOW:")]
+    time.sleep(max(hold, default=default_s))
+
+
 class SlowEmbeddingsTask(EmbeddingsTask):
     """Embeddings with a fixed service time; a text 'SLOW:<seconds>' holds the model that long."""
 
     def run_batch(self, items):
-        import time
-
-        hold = [float(t.split(":", 1)[1]) for it in items for t in it.texts if t.startswith("SLOW:")]
-        time.sleep(max(hold, default=0.2))
+        hold_model(items)
         return super().run_batch(items)
 
 
@@ -76,3 +81,16 @@ def seen_texts() -> list[str]:
             return f.read().splitlines()
     except FileNotFoundError:
         return []
+
+
+class FixedServiceTask(EmbeddingsTask):
+    """A model with a fixed service time and no compute: 'SLOW:<seconds>' holds the model thread that
+    long and the answer is a zero vector. Parsing (tokenizer, limits) is the real task's. For
+    benchmarks, where the model's own CPU work would compete with what is measured."""
+
+    def run_batch(self, items):
+        hold_model(items)
+        return [
+            {"data": [{"object": "embedding", "index": j, "embedding": [0.0] * 4} for j in range(len(it.texts))]}
+            for it in items
+        ]

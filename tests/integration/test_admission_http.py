@@ -179,6 +179,21 @@ def test_bad_admission_headers_are_400s_naming_the_header(adm):
         assert r.json()["error"]["param"] in headers
 
 
+def test_a_client_that_leaves_while_queued_is_counted_and_its_request_never_runs(adm):
+    idle(adm)
+    tag = uuid.uuid4().hex[:8]
+    before = state(adm)["counts"]["failed"]
+    with cf.ThreadPoolExecutor(4) as pool:
+        futs = hold(pool, adm, 3.0, 0)
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(str(adm.base_url).rstrip("/") + "/v1/embeddings", json={"input": [f"SEEN:{tag}"]}, timeout=0.8)
+        assert futs[0].result()[0] == 200
+    s = idle(adm)
+    assert s["counts"]["failed"] == before + 1
+    assert any(o["reason"] == "client_disconnected" for o in s["outcomes"])
+    assert not [t for t in seen_texts() if t.startswith(f"SEEN:{tag}")]
+
+
 def test_counters_reconcile_in_json_and_prometheus(adm, metrics_port):
     s = idle(adm)
     c = s["counts"]

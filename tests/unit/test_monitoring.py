@@ -50,11 +50,16 @@ def metrics_in(expr: str) -> set[str]:
 
 
 def test_alerts_and_dashboard_read_only_metrics_that_exist():
-    known = exported_metric_names() | {"ray_serve_num_deployment_http_error_requests_total"}
+    known = exported_metric_names()
     rules = yaml.safe_load(asset_path(ALERTS).read_text())["groups"][0]["rules"]
     dash = json.loads(asset_path(DASHBOARD).read_text())
     exprs = [r["expr"] for r in rules] + [t["expr"] for p in dash["panels"] for t in p["targets"]]
     used = set().union(*(metrics_in(e) for e in exprs))
     assert used and used <= known, used - known
-    assert {"ray_gpuserve_gpu_memory_used_bytes", "ray_gpuserve_oom_total", "gpuserve_pending_replicas"} <= used
+    assert {
+        "ray_gpuserve_gpu_memory_used_bytes",
+        "ray_gpuserve_oom_total",
+        "gpuserve_pending_replicas",
+        "ray_gpuserve_requests_total",
+    } <= used
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
