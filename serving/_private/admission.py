@@ -42,6 +42,7 @@ class Ticket:
     deadline_s: Optional[float]
     handle: object = None
     queued: bool = True
+    settled: bool = False  # its dispatched run has been accounted for (slot freed, outcome counted)
 
 
 @dataclass(frozen=True)

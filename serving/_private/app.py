@@ -21,10 +21,10 @@ def build_application(spec: ModelDeployment, pool: Any = None) -> Any:
     init = replica_init_spec(spec)
     if not spec.queue.gateway:
         return serve.deployment(HttpModelServer).options(**deployment_options(spec, pool)).bind(init)
-    from serving._private.gateway import Gateway
+    from serving._private.gateway import HttpGateway
 
     model = serve.deployment(ModelServer).options(**deployment_options(spec, pool)).bind(init)
-    return serve.deployment(Gateway).options(**gateway_options(spec)).bind(init, model)
+    return serve.deployment(HttpGateway).options(**gateway_options(spec)).bind(init, model)
 
 
 # Scaling fields change how many replicas run, not what a replica does: keep

@@ -12,9 +12,10 @@ answered 504 without ever reaching the model. The queue logic is pure
 
 
 import asyncio
+import json
 import logging
 import time
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 from fastapi import FastAPI
 from ray import serve
@@ -44,6 +45,7 @@ from serving.errors import (
     Overloaded,
     RequestExpired,
     Unauthorized,
+    error_body,
     http_status_for,
 )
 from serving.spec import ModelDeployment
@@ -77,7 +79,6 @@ def _replica_states(app: str, deployment: str) -> tuple[int, int]:
     return states.get("RUNNING", 0), states.get("STARTING", 0)
 
 
-@serve.ingress(gateway_api)
 class Gateway:
     """The deployment-wide admission queue in front of a model deployment.
 
@@ -87,6 +88,18 @@ class Gateway:
     """
 
     def __init__(self, spec: dict[str, Any], model: Any):
+        app = serve.get_replica_context().app_name
+        self._setup(spec, model, lambda: _replica_states(app, self.spec.name))
+
+    def _setup(
+        self,
+        spec: dict[str, Any],
+        model: Any,
+        replica_states: Callable[[], tuple[int, int]],
+        metrics: Optional[Any] = None,
+    ) -> None:
+        # Split from __init__ so the glue runs in tests with a stand-in handle, replica counts and metrics.
+        self._replica_states = replica_states
         self.spec = ModelDeployment.model_validate(spec)
         q = self.spec.queue
         self._model = model
@@ -96,11 +109,9 @@ class Gateway:
         self._default_class = q.priorities.index(q.default_priority or q.priorities[0])
         self._startup = StartupTracker()
         self._arrivals_since_dispatch = 0
-        self._metrics = AdmissionMetrics(self.spec.name)
+        self._metrics = metrics if metrics is not None else AdmissionMetrics(self.spec.name)
         self._poller: "Optional[asyncio.Task]" = None
         self._first_poll: "Optional[asyncio.Event]" = None
-        ctx = serve.get_replica_context()
-        self._app = ctx.app_name
 
     # -- replica counts ---------------------------------------------------------
 
@@ -113,7 +124,7 @@ class Gateway:
     async def _poll_forever(self) -> None:
         while True:
             try:
-                running, starting = await asyncio.to_thread(_replica_states, self._app, self.spec.name)
+                running, starting = await asyncio.to_thread(self._replica_states)
             except Exception as e:  # noqa: BLE001 - keep the last counts; the controller may be restarting
                 logger.warning("gpuserve: gateway could not read replica counts: %s", e)
             else:
@@ -183,10 +194,14 @@ class Gateway:
             self._check_auth(request)
             priority, deadline_s = self._class_and_deadline(request, now)
             body = await read_json(request, self.spec.queue.max_request_body_bytes)
+            await self._ensure_poller()
+        except asyncio.CancelledError:
+            # The client left before its request was admitted: still one outcome per request.
+            self._answered(FAILED, "client_disconnected")
+            raise
         except Exception as e:  # noqa: BLE001 - every error leaves as an OpenAI error body
             self._answered(REJECTED, "unauthorized" if isinstance(e, Unauthorized) else f"http_{http_status_for(e)}")
             return error_response(e)
-        await self._ensure_poller()
         self._arrivals_since_dispatch += 1
         admission = self.queue.offer(time.monotonic(), priority, deadline_s)
         for victim, why in admission.shed:
@@ -217,9 +232,9 @@ class Gateway:
                     fut = ticket.handle
                     dispatched = fut.done() and not fut.cancelled() and fut.result() == _GO
                     if not self.queue.remove(ticket) and dispatched:
-                        self.queue.finished(None)
-                        self._pump()
-                    self._answered(FAILED, "client_disconnected")
+                        self._settle(ticket, FAILED, "client_disconnected")
+                    else:
+                        self._answered(FAILED, "client_disconnected")
                     raise
                 if isinstance(verdict, Rejection):
                     return self._reject(verdict)
@@ -235,6 +250,8 @@ class Gateway:
                 resp = await self._forward(ticket, endpoint, body)
                 if resp is not None:
                     return resp
+            # Handed back once too often: it is queued again, take it out before answering.
+            self.queue.remove(ticket)
             self._answered(FAILED, "replicas_gone")
             return error_response(
                 ModelNotReady("the replicas running this request went away repeatedly; retry", code="replicas_gone")
@@ -258,9 +275,21 @@ class Gateway:
                 if status != 200:
                     chunk = await gen.__anext__()
                     return self._done(ticket, started, Response(chunk, status_code=status, headers=headers))
-                return StreamingResponse(
-                    self._relay(gen, ticket, started), status_code=status, headers=headers
-                )
+                relay = self._relay(gen, ticket, started)
+                # Started here, so its finally (which frees the slot and counts the outcome) runs however
+                # the stream ends: iterated to the end, closed, or dropped unsent when the client leaves
+                # (asyncio closes a started async generator when it is collected).
+                try:
+                    first = await relay.__anext__()
+                except StopAsyncIteration:
+                    return Response(b"", status_code=status, headers=headers)
+
+                async def body() -> AsyncIterator[bytes]:
+                    yield first
+                    async for chunk in relay:
+                        yield chunk
+
+                return StreamingResponse(body(), status_code=status, headers=headers)
             status, headers, payload = await self._model.call.remote(endpoint, body, arrivals)
             return self._done(ticket, started, Response(payload, status_code=status, headers=headers))
         except (ActorUnavailableError, BackPressureError) as e:
@@ -272,9 +301,7 @@ class Gateway:
         except RayActorError:
             # The replica died while running it. The request may be what killed it (a poison input),
             # so it is answered, not retried on the next replica.
-            self.queue.finished(None)
-            self._pump()
-            self._answered(FAILED, "replica_died")
+            self._settle(ticket, FAILED, "replica_died")
             return error_response(
                 ModelNotReady(
                     "the replica running this request died before answering; it was not retried in case the "
@@ -283,24 +310,27 @@ class Gateway:
                 )
             )
         except asyncio.CancelledError:
-            self.queue.finished(None)
-            self._pump()
-            self._answered(FAILED, "client_disconnected")
+            self._settle(ticket, FAILED, "client_disconnected")
             raise
         except Exception as e:  # noqa: BLE001
-            self.queue.finished(None)
-            self._pump()
-            self._answered(FAILED, f"http_{http_status_for(e)}")
+            self._settle(ticket, FAILED, f"http_{http_status_for(e)}")
             return error_response(e)
 
-    def _done(self, ticket: Ticket, started_s: float, resp: Response) -> Response:
-        self.queue.finished(time.monotonic() - started_s)
+    def _settle(self, ticket: Ticket, outcome: str, reason: str, service_s: Optional[float] = None) -> None:
+        """Free a dispatched request's slot and count its outcome, once, whichever path gets there first."""
+        if ticket.settled:
+            return
+        ticket.settled = True
+        self.queue.finished(service_s)
         self._pump()
+        self._answered(outcome, reason)
+
+    def _done(self, ticket: Ticket, started_s: float, resp: Response) -> Response:
         if resp.status_code < 400:
-            self._answered(SERVED, "ok")
+            self._settle(ticket, SERVED, "ok", time.monotonic() - started_s)
         else:
             # The model refused the request (e.g. input too long for the model): answered, not served.
-            self._answered(FAILED, f"http_{resp.status_code}")
+            self._settle(ticket, FAILED, f"http_{resp.status_code}", time.monotonic() - started_s)
         return resp
 
     async def _relay(self, gen: Any, ticket: Ticket, started_s: float) -> AsyncIterator[bytes]:
@@ -309,16 +339,16 @@ class Gateway:
             async for chunk in gen:
                 yield chunk
             ok = True
+        except Exception as e:  # noqa: BLE001 - the status line is sent; report in-band, as the replica does
+            logger.error("gpuserve: stream from the replica failed", exc_info=e)
+            yield b"data: " + json.dumps(error_body(e)).encode() + b"\n\n"
         finally:
             # The slot is busy for the whole stream; a client that leaves mid-stream stops it.
             if not ok:
                 gen.cancel()
-            self.queue.finished(time.monotonic() - started_s if ok else None)
-            self._pump()
-            if ok:
-                self._answered(SERVED, "ok")
+                self._settle(ticket, FAILED, "stream_interrupted")
             else:
-                self._answered(FAILED, "stream_interrupted")
+                self._settle(ticket, SERVED, "ok", time.monotonic() - started_s)
 
     # -- routes --------------------------------------------------------------------
 
@@ -381,3 +411,7 @@ class Gateway:
             }
         )
 
+
+
+# The gateway as the application's HTTP ingress.
+HttpGateway = serve.ingress(gateway_api)(Gateway)

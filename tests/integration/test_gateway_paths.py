@@ -1,0 +1,135 @@
+"""The gateway's failure paths, driven with a stand-in model handle (no cluster): requests Ray could not
+deliver are handed back and served, a replica that dies mid-request is answered 503 without a retry,
+repeated hand-backs end in one answer, and a client that leaves frees its slot. In every case the
+slot count returns to zero and the counters reconcile."""
+
+import asyncio
+import json
+
+from ray.exceptions import ActorUnavailableError, RayActorError
+from starlette.requests import Request
+
+from serving import BatchingSpec, ModelDeployment, ModelSource, QueueSpec
+from serving._private.gateway import Gateway
+
+SPEC = ModelDeployment(
+    name="m",
+    task="embeddings",
+    model=ModelSource(path="/models/x"),
+    queue=QueueSpec(max_ongoing_requests=1),
+    batching=BatchingSpec(enabled=False, max_batch_size=1),
+).model_dump(mode="json")
+
+
+class Metrics:
+    def arrived(self):
+        pass
+
+    def answered(self, outcome, reason):
+        pass
+
+    def gauges(self, *a):
+        pass
+
+
+class Model:
+    """Stands in for the DeploymentHandle: each call takes the next step of a script."""
+
+    def __init__(self, *script):
+        self.script, self.calls = list(script), 0
+
+    @property
+    def call(self):
+        model = self
+
+        class Remote:
+            def remote(self, endpoint, body, arrivals):
+                return model._call()
+
+        return Remote()
+
+    async def _call(self):
+        self.calls += 1
+        step = self.script.pop(0)
+        if isinstance(step, BaseException):
+            raise step
+        await asyncio.sleep(step)
+        return 200, {"content-type": "application/json"}, b'{"object": "list"}'
+
+
+def gateway(model):
+    g = Gateway.__new__(Gateway)
+    g._setup(SPEC, model, lambda: (1, 0), Metrics())
+    return g
+
+
+def request(body=b'{"input": "x"}'):
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/embeddings", "headers": [], "query_string": b""}
+    return Request(scope, receive)
+
+
+def settled(g):
+    c = g.queue.counts()
+    assert c["pending"] == 0 and g.queue.in_flight == 0 and len(g.queue) == 0
+    assert c["received"] == c["served"] + c["rejected"] + c["expired"] + c["failed"]
+    return c
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_undelivered_request_is_handed_back_and_served():
+    async def main():
+        g = gateway(model := Model(ActorUnavailableError("replica stopping", None), 0.0))
+        resp = await g._admit_and_forward("embeddings", request())
+        return g, model, resp
+
+    g, model, resp = run(main())
+    assert resp.status_code == 200 and model.calls == 2
+    assert settled(g)["served"] == 1
+
+
+def test_replica_dying_mid_request_is_answered_503_and_not_retried():
+    async def main():
+        g = gateway(model := Model(RayActorError(), 0.0))
+        return g, model, await g._admit_and_forward("embeddings", request())
+
+    g, model, resp = run(main())
+    assert resp.status_code == 503 and json.loads(resp.body)["error"]["code"] == "replica_died"
+    assert model.calls == 1 and settled(g)["failed"] == 1
+
+
+def test_repeated_hand_backs_end_in_one_answer_and_leave_nothing_queued():
+    async def main():
+        g = gateway(Model(*[ActorUnavailableError("gone", None) for _ in range(4)]))
+        return g, await g._admit_and_forward("embeddings", request())
+
+    g, resp = run(main())
+    assert resp.status_code == 503 and json.loads(resp.body)["error"]["code"] == "replicas_gone"
+    assert settled(g)["failed"] == 1
+
+
+def test_clients_leaving_while_running_and_while_queued_free_their_slots():
+    async def main():
+        g = gateway(Model(0.3, 5.0))
+        first = asyncio.create_task(g._admit_and_forward("embeddings", request()))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(g._admit_and_forward("embeddings", request()))
+        await asyncio.sleep(0.05)
+        assert len(g.queue) == 1  # one slot: the second waits
+        second.cancel()  # leaves while queued
+        await asyncio.gather(second, return_exceptions=True)
+        assert (await first).status_code == 200
+        third = asyncio.create_task(g._admit_and_forward("embeddings", request()))
+        await asyncio.sleep(0.1)
+        assert g.queue.in_flight == 1
+        third.cancel()  # leaves while its request runs
+        await asyncio.gather(third, return_exceptions=True)
+        return g
+
+    c = settled(run(main()))
+    assert c["served"] == 1 and c["failed"] == 2
