@@ -113,7 +113,7 @@ async def closed_loop(url, body, concurrency, seconds):
         return done / (time.perf_counter() - t0)
 
 
-async def open_loop(url, streams, seconds, timeout_s, seed):
+async def open_loop(url, body, streams, seconds, timeout_s, seed):
     """Poisson arrivals per stream {name: (rate_per_s, headers)}; every request's fate is recorded.
 
     Returns per stream: list of (status or None, latency_s, send_lag_s).
@@ -129,7 +129,7 @@ async def open_loop(url, streams, seconds, timeout_s, seed):
             lag = time.perf_counter() - scheduled
             t0 = time.perf_counter()
             try:
-                async with session.post(url, json={"input": [body_text]}, headers=headers) as r:
+                async with session.post(url, json=body, headers=headers) as r:
                     payload = await r.read()
                     took = time.perf_counter() - t0
                     code = None
@@ -160,8 +160,6 @@ async def open_loop(url, streams, seconds, timeout_s, seed):
         await asyncio.gather(*tasks)
     return results, sent_s
 
-
-body_text = "SLOW:0.05"
 
 
 def summarise(rows, seconds, sent_s, offered_per_s, capacity_per_s, slo_s):
@@ -205,8 +203,7 @@ def main(argv=None) -> int:
     ap.add_argument("--slo-s", type=float, default=1.0, help="latency SLO for goodput")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    global body_text
-    body_text = f"SLOW:{args.service_s}"
+    body = {"input": [f"SLOW:{args.service_s}"]}
     seconds = 20.0 if args.quick else 60.0
     client_timeout_s = 30.0 if args.quick else 60.0
 
@@ -224,12 +221,12 @@ def main(argv=None) -> int:
         stock_url = base + "/stock/v1/embeddings"
         # A bound a full queue drains within half the SLO: admitted requests meet it.
         # Capacity: closed-loop throughput through each setup; the larger is the model's capacity.
-        cap_stock = asyncio.run(closed_loop(stock_url, {"input": [body_text]}, 4 * args.slots, 8.0))
+        cap_stock = asyncio.run(closed_loop(stock_url, body, 4 * args.slots, 8.0))
         serve.delete("stock")
         max_queued = max(1, int(cap_stock * args.slo_s * 0.5))
         deploy_gpuserve(args, max_queued)
         url = base + "/gpuserve/v1/embeddings"
-        cap_gpuserve = asyncio.run(closed_loop(url, {"input": [body_text]}, 4 * args.slots, 8.0))
+        cap_gpuserve = asyncio.run(closed_loop(url, body, 4 * args.slots, 8.0))
         capacity = max(cap_stock, cap_gpuserve)
         out["capacity_per_s"] = round(capacity, 2)
         out["closed_loop_per_s"] = {"stock": round(cap_stock, 2), "gpuserve": round(cap_gpuserve, 2)}
@@ -237,7 +234,7 @@ def main(argv=None) -> int:
         offered = args.overload * capacity
         print(f"capacity {capacity:.1f}/s; offering {offered:.1f}/s for {seconds:.0f} s per phase", file=sys.stderr)
 
-        res, sent_s = asyncio.run(open_loop(url, {"all": (offered, {})}, seconds, client_timeout_s, args.seed))
+        res, sent_s = asyncio.run(open_loop(url, body, {"all": (offered, {})}, seconds, client_timeout_s, args.seed))
         out["gpuserve"] = summarise(res["all"], seconds, sent_s, offered, capacity, args.slo_s)
         print("gpuserve:", json.dumps(out["gpuserve"]), file=sys.stderr)
 
@@ -245,7 +242,7 @@ def main(argv=None) -> int:
         prio = {}
         for label, batch_x in (("batch_1x", 1.0), ("batch_3x", 3.0)):
             streams = {"interactive": inter, "batch": (batch_x * capacity, {"x-gpuserve-priority": "batch"})}
-            res, sent_s = asyncio.run(open_loop(url, streams, seconds, client_timeout_s, args.seed + 1))
+            res, sent_s = asyncio.run(open_loop(url, body, streams, seconds, client_timeout_s, args.seed + 1))
             prio[label] = {
                 name: summarise(rows, seconds, sent_s, streams[name][0], capacity, args.slo_s)
                 for name, rows in res.items()
@@ -259,14 +256,14 @@ def main(argv=None) -> int:
         serve.delete("gpuserve")
 
         deploy_floor()
-        res, sent_s = asyncio.run(open_loop(base + "/floor", {"all": (offered, {})}, seconds, client_timeout_s, args.seed))
+        res, sent_s = asyncio.run(open_loop(base + "/floor", body, {"all": (offered, {})}, seconds, client_timeout_s, args.seed))
         out["floor_noop_429"] = summarise(res["all"], seconds, sent_s, offered, capacity, args.slo_s)
         print("floor:", json.dumps(out["floor_noop_429"]), file=sys.stderr)
         serve.delete("floor")
 
         # Stock Ray Serve last: its unbounded queue is still draining when the phase ends.
         deploy_stock(args)
-        res, sent_s = asyncio.run(open_loop(stock_url, {"all": (offered, {})}, seconds, client_timeout_s, args.seed))
+        res, sent_s = asyncio.run(open_loop(stock_url, body, {"all": (offered, {})}, seconds, client_timeout_s, args.seed))
         out["stock"] = summarise(res["all"], seconds, sent_s, offered, capacity, args.slo_s)
         print("stock:", json.dumps(out["stock"]), file=sys.stderr)
         serve.delete("stock")

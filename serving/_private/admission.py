@@ -11,7 +11,6 @@ on the replicas at once. Completions measure how fast the replicas drain it.
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
@@ -37,8 +36,6 @@ class Ticket:
     """
 
     priority: int
-    seq: int
-    arrived_s: float
     deadline_s: Optional[float]
     handle: object = None
     queued: bool = True
@@ -138,7 +135,6 @@ class AdmissionQueue:
         self.classes = classes
         self.drain = drain
         self._queues: list[deque[Ticket]] = [deque() for _ in classes]
-        self._seq = itertools.count()
         self.in_flight = 0
         self.received = 0
         self.outcomes: dict[tuple[str, str], int] = {}
@@ -216,7 +212,7 @@ class AdmissionQueue:
             victim = self._queues[victim_class].pop()
             victim.queued = False
             shed.append((victim, victim_class))
-        ticket = Ticket(priority, next(self._seq), now_s, deadline_s)
+        ticket = Ticket(priority, deadline_s)
         self._queues[priority].append(ticket)
         return Admission(
             ticket=ticket,

@@ -6,6 +6,7 @@ import hmac
 import os
 from typing import Mapping, Optional
 
+from serving.errors import Unauthorized
 from serving.spec import AuthSpec
 
 # Shorter keys are guessable; refuse to start with one rather than serve weakly protected.
@@ -52,3 +53,18 @@ def authorized(header: Optional[str], keys: tuple[bytes, ...]) -> bool:
         # Compare against every key: the time taken does not reveal which one matched.
         ok |= hmac.compare_digest(given, key)
     return ok
+
+
+class KeyCheck:
+    """The data-plane key check an ingress runs on each request; open when the spec has no ``auth``.
+
+    Keys are loaded at construction: an ingress without its keys fails at start, never serves openly.
+    """
+
+    def __init__(self, spec: Optional[AuthSpec]):
+        self.keys = load_api_keys(spec) if spec is not None else None
+
+    def __call__(self, headers: Mapping[str, str]) -> None:
+        """Raise ``Unauthorized`` unless the request's Authorization header carries a key."""
+        if self.keys is not None and not authorized(headers.get("authorization"), self.keys):
+            raise Unauthorized()

@@ -19,6 +19,8 @@ from typing import Any, AsyncIterator, Callable, Optional
 
 from fastapi import FastAPI
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -34,12 +36,11 @@ from serving._private.admission import (
     StartupTracker,
     Ticket,
 )
-from serving._private.auth import authorized, load_api_keys
+from serving._private.auth import KeyCheck
 from serving._private.http import error_response, not_found_response, read_json
 from serving._private.metrics import AdmissionMetrics
 from serving.client import PRIORITY_HEADER, TIMEOUT_HEADER
 from serving.errors import (
-    GpuserveError,
     InvalidRequest,
     ModelNotReady,
     Overloaded,
@@ -103,7 +104,7 @@ class Gateway:
         self.spec = ModelDeployment.model_validate(spec)
         q = self.spec.queue
         self._model = model
-        self._api_keys = load_api_keys(self.spec.auth) if self.spec.auth else None
+        self._check_key = KeyCheck(self.spec.auth)
         self.drain = DrainModel(q.max_ongoing_requests, q.retry_after_s)
         self.queue = AdmissionQueue(q.max_queued_requests, tuple(q.priorities), self.drain)
         self._default_class = q.priorities.index(q.default_priority or q.priorities[0])
@@ -182,8 +183,7 @@ class Gateway:
         return priority, (None if timeout_s is None else now_s + timeout_s)
 
     def _check_auth(self, request: Request) -> None:
-        if self._api_keys is not None and not authorized(request.headers.get("authorization"), self._api_keys):
-            raise Unauthorized()
+        self._check_key(request.headers)
 
     async def _admit_and_forward(self, endpoint: str, request: Request) -> Response:
         now = time.monotonic()
@@ -262,9 +262,6 @@ class Gateway:
 
     async def _forward(self, ticket: Ticket, endpoint: str, body: Any) -> Optional[Response]:
         """Run a dispatched request on a replica. None: the replica went away first, the ticket is queued again."""
-        from ray.exceptions import ActorUnavailableError, RayActorError
-        from ray.serve.exceptions import BackPressureError
-
         arrivals, self._arrivals_since_dispatch = max(1, self._arrivals_since_dispatch), 0
         started = time.monotonic()
         stream = isinstance(body, dict) and body.get("stream") is True
@@ -369,9 +366,9 @@ class Gateway:
             status, headers, payload = await asyncio.wait_for(
                 self._model.call_get.remote(route), timeout=FORWARD_TIMEOUT_S
             )
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, RayActorError):
             return error_response(ModelNotReady("no replica answered; the model is not ready", code="model_not_ready"))
-        except GpuserveError as e:
+        except Unauthorized as e:
             return error_response(e)
         return Response(payload, status_code=status, headers=headers)
 

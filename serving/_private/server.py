@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from serving._private.auth import authorized, load_api_keys
+from serving._private.auth import KeyCheck
 from serving._private.http import error_response, not_found_response, read_json
 from serving._private.memory import free_cache_for, memory_budget_bytes, probe_for
 from serving._private.oom import BatchRunner, MemoryModel, Outcome
@@ -82,7 +82,7 @@ class ModelServer:
         self.spec = ModelDeployment.model_validate(spec)
         self.replica_id = _replica_id()
         # Read before the model loads: a replica without its keys must fail fast, not serve openly.
-        self._api_keys = load_api_keys(self.spec.auth) if self.spec.auth else None
+        self._check_key = KeyCheck(self.spec.auth)
         # One model thread: a device runs one forward pass at a time anyway, and a
         # single thread keeps the event loop free for health checks and parsing.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpuserve-model")
@@ -204,8 +204,7 @@ class ModelServer:
         yield b"data: [DONE]\n\n"
 
     def _check_auth(self, request: Request) -> None:
-        if self._api_keys is not None and not authorized(request.headers.get("authorization"), self._api_keys):
-            raise Unauthorized()
+        self._check_key(request.headers)
 
     async def _answer(self, endpoint: str, body: Any, arrivals: int = 1) -> Response:
         """Serve one parsed request body; every error leaves as an OpenAI error response."""

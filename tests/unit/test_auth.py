@@ -4,7 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from serving import AuthSpec, ModelDeployment, ModelSource
-from serving._private.auth import MIN_KEY_LENGTH, authorized, load_api_keys
+from serving._private.auth import MIN_KEY_LENGTH, KeyCheck, authorized, load_api_keys
 from serving.errors import Unauthorized, error_body, http_headers_for, http_status_for
 
 KEY_A = "a" * 20
@@ -57,3 +57,13 @@ def test_401_says_nothing_specific():
     assert http_status_for(e) == 401
     assert http_headers_for(e) == {"WWW-Authenticate": "Bearer"}
     assert error_body(e)["error"]["message"] == "missing or invalid API key"
+
+
+def test_key_check_is_open_without_auth_and_refuses_a_wrong_key_with_it(monkeypatch):
+    KeyCheck(None)({})  # no auth configured: every request passes
+    monkeypatch.setenv("GPUSERVE_TEST_KEYS", "k" * 16)
+    check = KeyCheck(AuthSpec(api_keys_env="GPUSERVE_TEST_KEYS"))
+    check({"authorization": "Bearer " + "k" * 16})
+    for headers in ({"authorization": "Bearer " + "x" * 16}, {}):
+        with pytest.raises(Unauthorized):
+            check(headers)
