@@ -1,4 +1,4 @@
-"""Baseline policies to compare against: Ray Serve's own, Knative-KPA-like, HPA-like, and a clairvoyant oracle.
+"""Reactive baseline policies to compare against: Ray Serve's own, Knative-KPA-like, HPA-like.
 
 All see the same :class:`~autoscaling.policy.PolicyContext` and aim at the same slot utilisation, so
 a comparison measures the scaling logic, not the target.
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from autoscaling.policy import Decision, PolicyContext, ceil_replicas, register, replicas_for
+from autoscaling.policy import Decision, PolicyContext, ceil_replicas, register
 
 
 @dataclass
@@ -148,32 +148,6 @@ class HpaLikePolicy:
         return Decision(replicas=target, reason="hpa"), {"recs": recs}
 
 
-@dataclass
-class OraclePolicy:
-    """Clairvoyant: knows future arrivals and the longest lead time; the lower bound on GPU-hours.
-
-    The simulator binds ``future_rate(t0, t1)`` (the highest smoothed arrival rate in ``[t0, t1]``)
-    and ``lead_s`` (the worst-case node + replica start-up). It asks now for what will be needed
-    when capacity asked for now can first serve, and releases capacity as soon as it is not needed.
-    """
-
-    utilization: float = 0.8
-    interval_s: float = 10.0
-    future_rate: Callable[[float, float], float] | None = None
-    lead_s: float = 0.0
-
-    def decide(self, ctx: PolicyContext, state: dict[str, Any]) -> tuple[Decision, dict[str, Any]]:
-        if self.future_rate is None:
-            raise ValueError("the oracle policy needs future arrivals; it runs only in the simulator")
-        # Capacity asked for now is ready after lead_s and must serve until the next decision's
-        # capacity is ready: the window's peak is what matters.
-        peak = self.future_rate(ctx.now_s, ctx.now_s + self.lead_s + self.interval_s)
-        need = ceil_replicas(replicas_for(peak, ctx.work_s_per_request, ctx.slots_per_replica, self.utilization))
-        target = min(max(need, ctx.min_replicas), ctx.max_replicas)
-        return Decision(replicas=target, reason="oracle"), state
-
-
 register("ray_default")(lambda **p: RayDefaultPolicy(**p))
 register("kpa")(lambda **p: KpaLikePolicy(**p))
 register("hpa")(lambda **p: HpaLikePolicy(**p))
-register("oracle")(lambda **p: OraclePolicy(**p))

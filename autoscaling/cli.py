@@ -24,7 +24,14 @@ def add_parser(sub: Any) -> None:
         "'arrival_s,input_tokens,output_tokens' CSV; detected from the header) against each --policy on the "
         "same simulated GPU pool, and report SLO attainment, rejections, latency, GPU-hours and scale events.",
     )
-    p.add_argument("--trace", required=True, help="trace CSV file")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--trace", help="trace CSV file")
+    src.add_argument(
+        "--scenario",
+        metavar="NAME",
+        help="a synthetic scenario instead of a trace: on_off_bursts, mmpp, diurnal_flash_crowd, slow_ramp, "
+        "abrupt_drop, idle_then_surge (drawn with --seed, at the rate --peak-replicas needs)",
+    )
     p.add_argument(
         "--policy",
         action="append",
@@ -41,6 +48,19 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT ('-' for standard output)")
     p.add_argument("--plot", metavar="OUT.png", help="plot load, replicas and nodes over time for each policy")
     p.add_argument("--slo-s", type=float, default=d.slo_s, help=f"time-to-first-token SLO (default {d.slo_s})")
+    p.add_argument(
+        "--slo-target",
+        type=float,
+        default=d.slo_target,
+        help=f"fraction of requests within the SLO that meets it; the oracle plans for it (default {d.slo_target})",
+    )
+    p.add_argument(
+        "--score-from-s",
+        type=float,
+        default=None,
+        help="score requests arriving from this time on (default: the warm start, hold + longest provisioning + "
+        "replica start; 0 scores the whole trace)",
+    )
     p.add_argument("--deadline-s", type=float, default=d.deadline_s, help=f"queue deadline (default {d.deadline_s})")
     p.add_argument(
         "--max-queued-requests", type=int, default=d.max_queued_requests, help="deployment-wide queue bound"
@@ -105,6 +125,8 @@ def run(args: argparse.Namespace, passthrough: list[str] | None = None) -> int:
         params = parse_params(args.param, names)
         cfg = SimConfig(
             slo_s=args.slo_s,
+            slo_target=args.slo_target,
+            score_from_s=args.score_from_s,
             deadline_s=args.deadline_s,
             max_queued_requests=args.max_queued_requests,
             provision_delay_s=tuple(args.provision_delay_s),
@@ -119,7 +141,7 @@ def run(args: argparse.Namespace, passthrough: list[str] | None = None) -> int:
             seed=args.seed,
         )
         policies = {n: make_policy(n, **params.get(n, {})) for n in names}
-        trace = load_trace(args.trace)
+        trace = load_trace(args.trace) if args.trace else _scenario(args.scenario, cfg)
     except (ValueError, TraceFormatError, FileNotFoundError) as e:
         print(f"gpuserve simulate: {e}", file=sys.stderr)
         return 2
@@ -127,8 +149,9 @@ def run(args: argparse.Namespace, passthrough: list[str] | None = None) -> int:
     prepared = prepare(trace, cfg)
     results = [simulate(prepared, pol, cfg, name=n, progress=progress) for n, pol in policies.items()]
     doc = {
+        "scored_from_s": cfg.scored_from_s(),
         "trace": {
-            "path": str(args.trace),
+            "path": str(args.trace) if args.trace else None,
             "source": trace.source,
             "engine": prepared.kind,
             "duration_s": round(prepared.duration_s, 1),
@@ -139,7 +162,7 @@ def run(args: argparse.Namespace, passthrough: list[str] | None = None) -> int:
         "params": params,
         "policies": {r.policy: r.summary() for r in results},
     }
-    _print_table(results, sys.stderr if args.json == "-" else sys.stdout)
+    _print_table(results, cfg.scored_from_s(), sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
         text = json.dumps(doc, indent=2)
         if args.json == "-":
@@ -157,12 +180,27 @@ def run(args: argparse.Namespace, passthrough: list[str] | None = None) -> int:
     return 0
 
 
-def _print_table(results: list[Any], out: Any) -> None:
-    head = f"{'policy':<14}{'slo':>9}{'rejected':>10}{'p50_s':>8}{'p99_s':>8}{'gpu_h':>10}{'events':>8}{'wall_s':>8}"
+def _scenario(name: str, cfg: Any) -> Any:
+    from autoscaling.scenarios import make_scenario
+
+    # Drawn at the rate whose peak needs --peak-replicas (or 20) replicas at full use.
+    peak = (cfg.peak_replicas or 20.0) * cfg.slots_per_replica / cfg.service_time_s
+    return make_scenario(name, peak_rate_per_s=peak, seed=cfg.seed)
+
+
+def _print_table(results: list[Any], scored_from_s: float, out: Any) -> None:
+    oracle = next((r for r in results if r.policy == "oracle"), None)
+    print(
+        f"scored from {scored_from_s:g} s (warm start: requests arriving earlier and GPU time before it are not counted)",
+        file=out,
+    )
+    head = f"{'policy':<14}{'slo':>9}{'rejected':>10}{'p50_s':>8}{'p99_s':>8}{'gpu_h':>10}{'x_oracle':>9}{'events':>8}{'wall_s':>8}"
     print(head, file=out)
     for r in results:
         print(
             f"{r.policy:<14}{r.slo_attainment:>9.4f}{r.rejected_fraction:>10.4f}{r.p50_latency_s:>8.2f}"
-            f"{r.p99_latency_s:>8.2f}{r.gpu_hours:>10.1f}{r.scale_events:>8d}{r.wall_s:>8.2f}",
+            f"{r.p99_latency_s:>8.2f}{r.gpu_hours:>10.1f}"
+            f"{(f'{r.gpu_hours / oracle.gpu_hours:.3f}' if oracle and oracle.gpu_hours > 0 else '-'):>9}"
+            f"{r.scale_events:>8d}{r.wall_s:>8.2f}",
             file=out,
         )

@@ -43,6 +43,8 @@ class ForecastParams:
         error_quantile: Quantile of actual/forecast ratios to size with.
         error_window: Ratios kept.
         warmup_updates: Updates before the trend and the error ratios are trusted.
+        combine: ``max`` of the seasonal and the trend forecast, or ``season`` alone.
+        max_trend_lift: The trend may move the forecast by at most this fraction of the level.
     """
 
     level_alpha: float = 0.3
@@ -55,6 +57,7 @@ class ForecastParams:
     error_window: int = 360
     warmup_updates: int = 12
     combine: str = "max"
+    max_trend_lift: float = 0.2
 
 
 def _bin(p: ForecastParams, t_s: float) -> int:
@@ -113,7 +116,8 @@ def forecast(p: ForecastParams, state: dict[str, Any], now_s: float, horizon_s: 
     if state.get("n", 0) < p.warmup_updates:
         trend = 0.0
     lift = trend * damp * (1 - math.exp(-horizon_s / damp))
-    holt = level + min(0.5 * level, max(-0.5 * level, lift))
+    cap = p.max_trend_lift * level
+    holt = level + min(cap, max(-cap, lift))
     profile = state.get("profile")
     if profile:
         now_p = _profile_at(p, profile, now_s)
@@ -178,3 +182,17 @@ def learn_lead_time(state: dict[str, Any], key: str, observed_s: tuple[float, ..
 def lead_time_s(state: dict[str, Any], key: str, prior_s: float, q: float = 0.9) -> float:
     """Upper quantile of the observed start-ups under ``key``, the prior counted as one observation."""
     return quantile(list(state.get(key, [])) + [prior_s], q)
+
+
+def recent_peak(
+    recent: list[Any], now_s: float, rate_per_s: float, smoothing_s: float, window_s: float
+) -> tuple[list[list[float]], float]:
+    """Add one observed rate; return the kept samples and the highest ``smoothing_s`` mean within ``window_s``.
+
+    ``recent`` holds ``[t, rate, smoothed]`` triples (JSON-able). The smoothed value is the mean of the
+    rates observed within the last ``smoothing_s`` (one sample when decisions are further apart).
+    """
+    kept = [list(x) for x in recent if x[0] > now_s - max(window_s, smoothing_s)]
+    inside = [x[1] for x in kept if x[0] > now_s - smoothing_s] + [rate_per_s]
+    kept.append([now_s, rate_per_s, sum(inside) / len(inside)])
+    return kept, max(x[2] for x in kept)

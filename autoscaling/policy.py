@@ -191,7 +191,7 @@ def make_policy(name: str, **params: Any) -> Policy:
 
 def _load_builtins() -> None:
     # Imported on first use so that importing this module registers nothing as a side effect.
-    from autoscaling import baselines, predictive  # noqa: F401
+    from autoscaling import baselines, oracle, predictive  # noqa: F401
 
 
 def ceil_replicas(x: float) -> int:

@@ -39,13 +39,15 @@ class PredictivePolicy:
         burst_tolerance: Arrivals more than this fraction above the forecast count as a burst.
         low_memory_headroom: GPU memory headroom (below the high-water mark) under which a replica is
             short of memory: one more replica is asked for and none removed.
+        peak_window_s: How far back the recent peak reaches (None: the learned node + replica lead).
+        peak_smoothing_s: The recent peak is of the arrival rate averaged over this many seconds.
         interval_s: How often to decide.
         forecast: Forecaster settings.
         guardrail: Bounds and cooldowns.
     """
 
     utilization: float = 0.95
-    headroom_beta: float = 2.0
+    headroom_beta: float = 1.0
     replica_lead_prior_s: float = 60.0
     node_lead_prior_s: float = 300.0
     pre_provision: bool = True
@@ -53,6 +55,8 @@ class PredictivePolicy:
     interval_s: float = 10.0
     smooth_floor: bool = True
     low_memory_headroom: float = 0.05
+    peak_window_s: float | None = None
+    peak_smoothing_s: float = 30.0
     forecast: fc.ForecastParams = field(default_factory=fc.ForecastParams)
     guardrail: Guardrail = field(default_factory=Guardrail)
 
@@ -66,6 +70,10 @@ class PredictivePolicy:
         node = fc.lead_time_s(state, "node_leads", self.node_lead_prior_s)
         return rep + self.interval_s, node + rep + self.interval_s
 
+    def peak_window(self, state: dict[str, Any]) -> float:
+        """Seconds of recent arrivals whose peak bounds (and holds) the hedge: one node + replica lead."""
+        return self.peak_window_s if self.peak_window_s is not None else self.horizons_s(state)[1]
+
     def decide(self, ctx: PolicyContext, state: dict[str, Any]) -> tuple[Decision, dict[str, Any]]:
         st = dict(state)
         st = fc.learn_lead_time(st, "replica_leads", ctx.startup_s)
@@ -77,7 +85,17 @@ class PredictivePolicy:
         fstate = fc.track_error(f, fstate, ctx.now_s, fstate["level"], fc.forecast(f, fstate, ctx.now_s, h_rep), h_rep)
         st["forecast"] = fstate
         factor = fc.error_factor(f, fstate)
+        # The recent peak: the highest short-window mean rate over the last peak window. It bounds the
+        # hedge (capacity is never asked for a load higher than has been seen recently or is forecast)
+        # and holds capacity through recurring bursts that come back faster than a node can.
+        window = self.peak_window(st)
+        recent, peak = fc.recent_peak(st.get("recent", []), ctx.now_s, ctx.arrivals_per_s, self.peak_smoothing_s, window)
+        st["recent"] = recent
         work, slots = ctx.work_s_per_request, ctx.slots_per_replica
+        # In flight on replicas: the interval's average less the queue now, but never more than the
+        # slots that exist. Right after a backlog drains, the average still holds the queue it had:
+        # read as concurrency, it asked for the ceiling.
+        running = min(max(0.0, ctx.ongoing_requests - ctx.queued_requests), float(ctx.ready_replicas * slots))
 
         def size(rate: float) -> float:
             return replicas_staffed(rate, work, slots, self.headroom_beta, self.utilization)
@@ -85,8 +103,11 @@ class PredictivePolicy:
         # Without node pre-provisioning a new replica may wait for a node, so it must be asked for
         # a whole node + replica lead ahead.
         h_ask = h_rep if self.pre_provision else h_node
-        rate_rep = fc.peak_forecast(f, fstate, ctx.now_s, h_ask) * factor
-        need = size(rate_rep)
+        rate_fc = fc.peak_forecast(f, fstate, ctx.now_s, h_ask)
+        # The hedge for forecast error: the forecast times the error quantile, but never above the
+        # recent peak. Large errors on bursty traffic hold the recent peaks, not the ceiling.
+        rate_hedge = max(rate_fc, peak)
+        need_fc, need = size(rate_fc), size(rate_hedge)
         # A burst is arrivals above the forecast by more than the tolerance plus counting noise
         # (three standard deviations of a Poisson count over one interval), or a queue.
         noise = 3.0 / max(1.0, expected_now * self.interval_s) ** 0.5
@@ -99,7 +120,6 @@ class PredictivePolicy:
         # headroom and the queue absorb. In a surge the raw rate is used at once: the level would
         # take several intervals to catch up, and every interval lost is added to a node's lead.
         seen = max(fstate["level"], ctx.arrivals_per_s) if (surge or not self.smooth_floor) else fstate["level"]
-        running = max(0.0, ctx.ongoing_requests - ctx.queued_requests)
         floor = max(size(seen), size(running / work) if work > 0 else 0.0)
         # A backlog is not concurrency: it needs the capacity to drain it within the replica lead
         # time (sooner no new replica can help), not one slot per queued request.
@@ -114,12 +134,21 @@ class PredictivePolicy:
         st["guard"] = gstate
         nodes = None
         if self.pre_provision:
-            rate_node = fc.peak_forecast(f, fstate, ctx.now_s, h_node) * factor
+            rate_node = max(fc.peak_forecast(f, fstate, ctx.now_s, h_node), min(rate_fc * factor, peak))
             nodes = max(replicas, ceil_replicas(size(rate_node)))
             nodes = min(nodes, ctx.max_replicas)
+        # Every replica above the reactive floor is explained: how many the forecast adds, how many the
+        # error hedge adds, and what they cost (one GPU each, per hour held).
+        n_floor = ceil_replicas(floor)
+        n_fc = max(0, ceil_replicas(need_fc) - n_floor)
+        n_hedge = max(0, ceil_replicas(max(need, floor)) - n_floor - n_fc)
+        extra = max(0, replicas - n_floor)
         reason = (
-            f"{action}: forecast {rate_rep:.1f}/s over {h_ask:.0f}s (x{factor:.2f}) needs {need:.1f}, "
-            f"floor {floor:.1f}{', bursting' if bursting else ''}"
+            f"{action}: {replicas} replicas = floor {n_floor} (rate {seen:.1f}/s, {running:.0f} running, "
+            f"{ctx.queued_requests:.0f} queued) + forecast {n_fc} ({rate_fc:.1f}/s within {h_ask:.0f}s) + hedge {n_hedge} "
+            f"(error x{factor:.2f}, capped at the {window:.0f}s peak {peak:.1f}/s)"
+            f"{' + held ' + str(extra - n_fc - n_hedge) if extra > n_fc + n_hedge else ''}; "
+            f"{extra} over the floor cost {extra} GPU-h per hour{', bursting' if bursting else ''}"
         )
         return Decision(replicas=replicas, nodes=nodes, reason=reason), st
 

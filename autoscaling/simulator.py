@@ -13,9 +13,15 @@ The model:
   rejected); a request still queued after ``deadline_s`` expires. Service time is
   ``prefill_s_per_token * input + decode_s_per_token * output`` where the trace has tokens, else
   ``service_time_s``. The SLO is on time to first token: queue wait + prefill ≤ ``slo_s``.
-  Rejected and expired requests count as misses.
+  Rejected and expired requests count as misses. ``slo_target`` (0.99) is the fraction of requests
+  the SLO is met for that counts as meeting it (the oracle plans for it).
 * **Start**: the pool starts with what the first five minutes need at ``initial_utilization``, and
   policies take over after ``hold_s`` (the system fills from empty first); the same for every policy.
+* **Fair scoring**: a deployment that is already running has had time to get whatever capacity it
+  asked for, so nothing before ``score_from_s`` is scored: by default one decision hold plus the
+  longest node provisioning plus a replica start (``hold_s + max(provision_delay_s) +
+  replica_start_s``), rounded up to a whole ``timeline_step_s``. Before it the trace warms the pool
+  and every policy's state; from it on requests count (by arrival time) and GPU time is charged.
 * **Two engines**: per-request (event-driven, exact times) for request traces; fluid (per-second
   counts, FIFO cohorts, 1-second resolution for waits) for rate traces.
 """
@@ -28,7 +34,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +47,7 @@ class SimConfig:
     """The pool, the service and the SLO (see the module docstring for the model)."""
 
     slo_s: float = 2.0
+    slo_target: float = 0.99
     deadline_s: float = 30.0
     max_queued_requests: int = 1024
     provision_delay_s: tuple[float, float] = (180.0, 300.0)
@@ -59,6 +66,7 @@ class SimConfig:
     max_window_cv: float = 4.0
     hold_s: float = 120.0
     initial_replicas: int | None = None
+    score_from_s: float | None = None
 
     def __post_init__(self) -> None:
         lo, hi = self.provision_delay_s
@@ -67,8 +75,22 @@ class SimConfig:
         for name in ("slo_s", "deadline_s", "service_time_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be > 0")
+        if not 0 < self.slo_target <= 1:
+            raise ValueError(f"slo_target ({self.slo_target}) must be in (0, 1], e.g. 0.99")
         if self.slots_per_replica < 1:
             raise ValueError(f"slots_per_replica ({self.slots_per_replica}) must be >= 1")
+        if self.score_from_s is not None and self.score_from_s < 0:
+            raise ValueError(f"score_from_s ({self.score_from_s}) must be >= 0 (0 scores the whole trace)")
+        if self.timeline_step_s < 1:
+            raise ValueError(f"timeline_step_s ({self.timeline_step_s}) must be >= 1")
+
+    def scored_from_s(self) -> float:
+        """Where scoring starts: ``score_from_s``, or the warm start, rounded up to a whole timeline step."""
+        start = self.score_from_s
+        if start is None:
+            start = self.hold_s + self.provision_delay_s[1] + self.replica_start_s
+        step = self.timeline_step_s
+        return math.ceil(start / step - 1e-9) * step
 
 
 @dataclass
@@ -90,11 +112,16 @@ class SimResult:
     scale_downs: int
     wall_s: float
     simulated_s: float
+    scored_from_s: float = 0.0
     timeline: dict[str, list[float]] = field(default_factory=dict, repr=False)
+    # Per arrival window of ``timeline_step_s``: requests and those within the SLO (all windows, scored or not).
+    window_requests: list[float] = field(default_factory=list, repr=False)
+    window_within_slo: list[float] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
-        d.pop("timeline")
+        for k in ("timeline", "window_requests", "window_within_slo"):
+            d.pop(k)
         return d
 
 
@@ -118,8 +145,9 @@ class _Replica:
 class Pool:
     """Nodes and replicas of one GPU pool on a simulated clock."""
 
-    def __init__(self, cfg: SimConfig, rng: np.random.Generator, initial: int):
+    def __init__(self, cfg: SimConfig, rng: np.random.Generator, initial: int, charge_from_s: float = 0.0):
         self.cfg, self.rng = cfg, rng
+        self.charge_from_s = charge_from_s
         self.nodes: list[_Node] = []
         self.replicas: list[_Replica] = []
         self.node_target: int | None = None
@@ -202,12 +230,16 @@ class Pool:
             if len(self.nodes) <= keep:
                 break
             self.nodes.remove(x)
-            self.gpu_s += now - x.asked_s
+            self._charge(x, now)
         self._plan()
+
+    def _charge(self, x: _Node, now: float) -> None:
+        # GPU time is charged from the ask (or the start of scoring) to the release.
+        self.gpu_s += max(0.0, now - max(x.asked_s, self.charge_from_s))
 
     def close(self, now: float) -> None:
         for x in self.nodes:
-            self.gpu_s += now - x.asked_s
+            self._charge(x, now)
         self.nodes = []
 
     def take_observations(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -326,30 +358,7 @@ class Prepared:
     service_s: np.ndarray | None = None
     prefill_s: np.ndarray | None = None
     counts: np.ndarray | None = None
-    smooth_rate: np.ndarray | None = None  # per second, 60-s mean, for the oracle and the plots
-
-    def future_rate(self) -> Callable[[float, float], float]:
-        """The oracle's view: highest 60-s mean rate within [t0, t1]."""
-        r = self.smooth_rate
-        assert r is not None
-        n = len(r)
-        # Sparse table for O(1) range maxima over many queries.
-        levels = [r]
-        k = 1
-        while 2 * k <= n:
-            prev = levels[-1]
-            levels.append(np.maximum(prev[:-k], prev[k:]))
-            k *= 2
-
-        def query(t0: float, t1: float) -> float:
-            a, b = max(0, int(t0)), min(n - 1, int(math.ceil(t1)))
-            if a > b:
-                return 0.0
-            j = (b - a + 1).bit_length() - 1
-            lv = levels[j]
-            return float(max(lv[a], lv[b - (1 << j) + 1]))
-
-        return query
+    smooth_rate: np.ndarray | None = None  # per second, 60-s mean: the peak for rescaling and bounds
 
 
 def _smooth(counts: np.ndarray, window: int = 60) -> np.ndarray:
@@ -391,31 +400,39 @@ def prepare(trace: Trace, cfg: SimConfig) -> Prepared:
     )
 
 
+def max_replicas_for(prepared: Prepared, cfg: SimConfig) -> int:
+    """``cfg.max_replicas``, or three times what the trace's peak 60-s rate needs at full use."""
+    peak_need = float(prepared.smooth_rate.max()) * prepared.work_s / cfg.slots_per_replica
+    return cfg.max_replicas or max(cfg.min_replicas, 3 * ceil_replicas(peak_need))
+
+
 def simulate(
     prepared: Prepared, policy: Policy, cfg: SimConfig, name: str = "policy", progress: bool = False
 ) -> SimResult:
     """Run one policy over a prepared trace."""
     t0 = time.perf_counter()
     rng = np.random.default_rng(cfg.seed + 1)
-    peak_need = float(prepared.smooth_rate.max()) * prepared.work_s / cfg.slots_per_replica
-    max_replicas = cfg.max_replicas or max(cfg.min_replicas, 3 * ceil_replicas(peak_need))
+    max_replicas = max_replicas_for(prepared, cfg)
     first = float(prepared.smooth_rate[:300].mean())
     initial = cfg.initial_replicas
     if initial is None:
         initial = ceil_replicas(replicas_for(first, prepared.work_s, cfg.slots_per_replica, cfg.initial_utilization))
     initial = min(max(cfg.min_replicas, initial), max_replicas)
-    pool = Pool(cfg, rng, initial)
-    if hasattr(policy, "future_rate") and getattr(policy, "future_rate", None) is None:
-        policy.future_rate = prepared.future_rate()  # type: ignore[attr-defined]
-        policy.lead_s = cfg.provision_delay_s[1] + cfg.replica_start_s  # type: ignore[attr-defined]
+    scored_from = cfg.scored_from_s()
+    pool = Pool(cfg, rng, initial, charge_from_s=scored_from)
+    bind = getattr(policy, "bind_future", None)
+    if callable(bind):
+        # Only the clairvoyant reference has this: it plans with the whole prepared trace.
+        bind(prepared, cfg)
     ctl = _Controller(policy, pool, cfg, max_replicas)
     bar = _Progress(name, prepared.duration_s, progress)
+    tally = _Tally(cfg, prepared.duration_s, scored_from)
     if prepared.kind == "fluid":
-        out = _run_fluid(prepared, cfg, pool, ctl, bar)
+        p50, p99, end_s, timeline = _run_fluid(prepared, cfg, pool, ctl, bar, tally)
     else:
-        out = _run_requests(prepared, cfg, pool, ctl, bar)
-    total, ok, rejected, expired, p50, p99, end_s, timeline = out
+        p50, p99, end_s, timeline = _run_requests(prepared, cfg, pool, ctl, bar, tally)
     pool.close(end_s)
+    total, ok, rejected, expired = tally.scored()
     return SimResult(
         policy=name,
         requests=round(total, 3),
@@ -432,8 +449,35 @@ def simulate(
         scale_downs=ctl.downs,
         wall_s=round(time.perf_counter() - t0, 3),
         simulated_s=end_s,
+        scored_from_s=scored_from,
         timeline=timeline,
+        window_requests=tally.requests.tolist(),
+        window_within_slo=tally.ok.tolist(),
     )
+
+
+class _Tally:
+    """Outcomes by the arrival window of each request; totals count only windows from ``scored_from``."""
+
+    def __init__(self, cfg: SimConfig, duration_s: float, scored_from: float):
+        self.step = float(cfg.timeline_step_s)
+        n = int(math.ceil((duration_s + 1) / self.step)) + 1
+        self.requests, self.ok = np.zeros(n), np.zeros(n)
+        self.rejected, self.expired = np.zeros(n), np.zeros(n)
+        self.first = int(round(scored_from / self.step))
+        self.scored_from = scored_from
+
+    def window(self, arrival_s: float) -> int:
+        return min(int(arrival_s // self.step), len(self.requests) - 1)
+
+    def scored(self) -> tuple[float, float, float, float]:
+        k = self.first
+        return (
+            float(self.requests[k:].sum()),
+            float(self.ok[k:].sum()),
+            float(self.rejected[k:].sum()),
+            float(self.expired[k:].sum()),
+        )
 
 
 _TIMELINE_KEYS = ("t_s", "arrivals_per_s", "ready_replicas", "replicas", "nodes", "requests_cum", "within_slo_cum")
@@ -449,19 +493,31 @@ def _timeline_point(tl: dict[str, list[float]], t: float, rate: float, pool: Poo
     tl["nodes"].append(len(pool.nodes))
 
 
-def _run_fluid(p: Prepared, cfg: SimConfig, pool: Pool, ctl: _Controller, bar: _Progress):
+def _run_fluid(p: Prepared, cfg: SimConfig, pool: Pool, ctl: _Controller, bar: _Progress, tally: _Tally):
     counts = p.counts.tolist()
     work, slots, deadline, qmax = p.work_s, cfg.slots_per_replica, cfg.deadline_s, cfg.max_queued_requests
     slo_wait = int(math.floor(cfg.slo_s + 1e-9))
-    queue: deque[list[float]] = deque()
+    scored_from = tally.scored_from
+    queue: deque[list[float]] = deque()  # FIFO cohorts: [arrival second, requests left]
     qsum = 0.0
     hist: dict[int, float] = {}
-    total = ok = rejected = expired = 0.0
+    t_requests, t_ok = tally.requests, tally.ok
+    total = ok = 0.0  # cumulative, all windows (timeline)
     tl: dict[str, list[float]] = {k: [] for k in _TIMELINE_KEYS}
     step = int(cfg.timeline_step_s)
     tl_acc = 0.0
     end = len(counts) + int(deadline) + 1
     served_prev = 0.0
+
+    def served_ok(arrival: float, wait: int, n: float) -> None:
+        nonlocal ok
+        w = tally.window(arrival)
+        if arrival >= scored_from:
+            hist[wait] = hist.get(wait, 0.0) + n
+        if wait <= slo_wait:
+            t_ok[w] += n
+            ok += n
+
     for t in range(end):
         a = counts[t] if t < len(counts) else 0.0
         if t >= pool.next_event_s:
@@ -471,14 +527,15 @@ def _run_fluid(p: Prepared, cfg: SimConfig, pool: Pool, ctl: _Controller, bar: _
         mu = pool.ready * slots / work
         total += a
         tl_acc += a
+        if a:
+            t_requests[tally.window(t)] += a
         # Expire the head of the queue: the oldest requests go first.
         while queue and t - queue[0][0] > deadline:
-            expired += queue[0][1]
+            tally.expired[tally.window(queue[0][0])] += queue[0][1]
             qsum -= queue[0][1]
             queue.popleft()
         if not queue and a <= mu:
-            hist[0] = hist.get(0, 0.0) + a
-            ok += a
+            served_ok(t, 0, a)
             served = a
         else:
             served = 0.0
@@ -486,10 +543,7 @@ def _run_fluid(p: Prepared, cfg: SimConfig, pool: Pool, ctl: _Controller, bar: _
             while queue and avail > 0:
                 head = queue[0]
                 take = head[1] if head[1] <= avail else avail
-                w = t - int(head[0])
-                hist[w] = hist.get(w, 0.0) + take
-                if w <= slo_wait:
-                    ok += take
+                served_ok(head[0], t - int(head[0]), take)
                 head[1] -= take
                 qsum -= take
                 avail -= take
@@ -500,14 +554,13 @@ def _run_fluid(p: Prepared, cfg: SimConfig, pool: Pool, ctl: _Controller, bar: _
                 qsum = 0.0  # float residue of many subtractions must not read as a queue
             now_take = min(a, avail) if not queue else 0.0
             if now_take > 0:
-                hist[0] = hist.get(0, 0.0) + now_take
-                ok += now_take
+                served_ok(t, 0, now_take)
                 served += now_take
             rest = a - now_take
             if rest > 0:
                 room = max(0.0, qmax - qsum)
                 admit = rest if rest <= room else room
-                rejected += rest - admit
+                tally.rejected[tally.window(t)] += rest - admit
                 if admit > 0:
                     queue.append([float(t), admit])
                     qsum += admit
@@ -518,21 +571,27 @@ def _run_fluid(p: Prepared, cfg: SimConfig, pool: Pool, ctl: _Controller, bar: _
             _timeline_point(tl, float(t), tl_acc / step if t else a, pool, total, ok)
             tl_acc = 0.0
             bar(min(t, len(counts)))
-    expired += qsum
+    for arrival, left in queue:
+        tally.expired[tally.window(arrival)] += left
     bar(len(counts))
-    return total, ok, rejected, expired, _percentile_from_hist(hist, 0.5, work), _percentile_from_hist(hist, 0.99, work), float(end), tl
+    return _percentile_from_hist(hist, 0.5, work), _percentile_from_hist(hist, 0.99, work), float(end), tl
 
 
-def _run_requests(p: Prepared, cfg: SimConfig, pool: Pool, ctl: _Controller, bar: _Progress):
+def _run_requests(p: Prepared, cfg: SimConfig, pool: Pool, ctl: _Controller, bar: _Progress, tally: _Tally):
     arr = p.arrival_s.tolist()
     svc = p.service_s.tolist()
     pre = p.prefill_s.tolist()
     n = len(arr)
     slots, deadline, qmax, slo = cfg.slots_per_replica, cfg.deadline_s, cfg.max_queued_requests, cfg.slo_s
+    scored_from = tally.scored_from
+    win = [tally.window(x) for x in arr]
+    for w, c in zip(*np.unique(np.array(win, dtype=int), return_counts=True)):
+        tally.requests[w] += c
+    t_ok, t_rej, t_exp = tally.ok, tally.rejected, tally.expired
     comp: list[float] = []
     queue: deque[int] = deque()
     latencies: list[float] = []
-    ok = rejected = expired = 0
+    ok = 0
     in_service = 0
     tl: dict[str, list[float]] = {k: [] for k in _TIMELINE_KEYS}
     step = int(cfg.timeline_step_s)
@@ -545,17 +604,18 @@ def _run_requests(p: Prepared, cfg: SimConfig, pool: Pool, ctl: _Controller, bar
         wait = now - arr[j]
         in_service += 1
         heapq.heappush(comp, now + svc[j])
-        latencies.append(wait + svc[j])
+        if arr[j] >= scored_from:
+            latencies.append(wait + svc[j])
         if wait + pre[j] <= slo:
             ok += 1
+            t_ok[win[j]] += 1
 
     def drain_queue(now: float) -> None:
-        nonlocal expired
         cap = pool.ready * slots
         while queue and in_service < cap:
             j = queue.popleft()
             if now - arr[j] > deadline:
-                expired += 1
+                t_exp[win[j]] += 1
                 continue
             start(j, now)
 
@@ -567,8 +627,7 @@ def _run_requests(p: Prepared, cfg: SimConfig, pool: Pool, ctl: _Controller, bar
             ctl.tick(t, len(queue))
             drain_queue(float(t))
         while queue and t - arr[queue[0]] > deadline:
-            queue.popleft()
-            expired += 1
+            t_exp[win[queue.popleft()]] += 1
         arrived = work = 0.0
         t1 = t + 1
         while True:
@@ -588,7 +647,7 @@ def _run_requests(p: Prepared, cfg: SimConfig, pool: Pool, ctl: _Controller, bar
                 elif len(queue) < qmax:
                     queue.append(i)
                 else:
-                    rejected += 1
+                    t_rej[win[i]] += 1
                 i += 1
         tl_acc += arrived
         ctl.observe(arrived, work, in_service + len(queue))
@@ -599,10 +658,11 @@ def _run_requests(p: Prepared, cfg: SimConfig, pool: Pool, ctl: _Controller, bar
         if i >= n and not queue and not comp:
             end = t + 1
             break
-    expired += len(queue)
+    for j in queue:
+        t_exp[win[j]] += 1
     bar(p.duration_s)
     lat = np.array(latencies) if latencies else np.zeros(1)
-    return float(n), float(ok), float(rejected), float(expired), float(np.percentile(lat, 50)), float(np.percentile(lat, 99)), float(end), tl
+    return float(np.percentile(lat, 50)), float(np.percentile(lat, 99)), float(end), tl
 
 
 def run_many(

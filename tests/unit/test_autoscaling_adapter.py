@@ -37,7 +37,7 @@ def test_adapter_sums_replica_rates_learns_startups_and_decides_at_its_interval(
     monkeypatch.setattr(_node_requests, "_wanted", {})
     pol = GpuservePolicy(
         "predictive",
-        params={"replica_lead_prior_s": 30.0},
+        params={"replica_lead_prior_s": 30.0, "headroom_beta": 2.0},
         slots_per_replica=4,
         node_bundle={"GPU": 1.0, "CPU": 2.0},
         node_label_selector={"gpuserve.io/pool": "l4"},

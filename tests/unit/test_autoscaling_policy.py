@@ -3,10 +3,12 @@
 import json
 import math
 
+import numpy as np
 import pytest
 
 from autoscaling import forecast as fc
-from autoscaling.baselines import HpaLikePolicy, KpaLikePolicy, OraclePolicy
+from autoscaling.baselines import HpaLikePolicy, KpaLikePolicy
+from autoscaling.oracle import OraclePolicy, _Scheduled
 from autoscaling.policy import Guardrail, PolicyContext, make_policy, policy_names, replicas_staffed
 from autoscaling.predictive import PredictivePolicy
 
@@ -188,9 +190,12 @@ def test_predictive_asks_ahead_on_a_ramp_and_holds_nodes_further_ahead():
         rate = 50.0 + 0.2 * t  # +12 req/s per minute
         d, st = pol.decide(ctx(t, rate, ready=ready), st)
         ready = d.replicas
-    now_need = math.ceil(replicas_staffed(50.0 + 0.2 * t, 1.0, 16, 2.0, 0.95))
-    assert d.replicas > now_need  # capacity for the rate one replica lead ahead
-    assert d.nodes > d.replicas  # and nodes for the rate a node lead ahead
+    lead = pol.horizons_s(st)[0]
+    ahead = 50.0 + 0.2 * (t + lead)
+    # Capacity for the rate one replica lead ahead (not only for the rate now) ...
+    assert d.replicas >= math.ceil(replicas_staffed(ahead, 1.0, 16, pol.headroom_beta, pol.utilization))
+    # ... and nodes for the rate a node lead ahead (the trend's lift is capped at 20 % of the level).
+    assert d.nodes > d.replicas
 
 
 def test_predictive_does_not_scale_down_while_bursting():
@@ -275,13 +280,18 @@ def test_kpa_like_panics_on_a_burst_and_never_scales_down_while_panicking():
     assert d.replicas == 4  # panic over: at most halves per decision
 
 
-def test_oracle_asks_for_the_peak_within_its_lead_time():
-    pol = OraclePolicy(utilization=1.0, lead_s=100.0, interval_s=10.0)
-    pol.future_rate = lambda t0, t1: 160.0 if t1 >= 200.0 else 16.0
-    d, _ = pol.decide(ctx(50.0, 16.0, ready=1), {})
-    assert d.replicas == 1
-    d, _ = pol.decide(ctx(95.0, 16.0, ready=1), {})
-    assert d.replicas == 10
+def test_oracle_asks_replicas_a_replica_start_and_nodes_a_provisioning_ahead_of_its_schedule():
+    # 1 replica until the window at 240 s, then 10; replicas start in 60 s, nodes take up to 300 s.
+    sched = np.array([1, 1, 1, 1, 10, 10, 10, 1, 1, 1, 1, 1, 1, 1])
+    pol = _Scheduled(sched, 60.0, replica_ahead_s=70.0, node_ahead_s=370.0)
+    d, _ = pol.decide(ctx(0.0, 16.0, ready=1), {})
+    assert (d.replicas, d.nodes) == (1, 10)  # nodes asked 370 s ahead of the 10-replica window
+    d, _ = pol.decide(ctx(160.0, 16.0, ready=1), {})
+    assert (d.replicas, d.nodes) == (1, 10)  # 160 + 70 = 230: the replicas wait for the window
+    d, _ = pol.decide(ctx(170.0, 16.0, ready=1), {})
+    assert d.replicas == 10  # ready at 230 + start, in time for 240
+    d, _ = pol.decide(ctx(430.0, 16.0, ready=10), {})
+    assert (d.replicas, d.nodes) == (1, 1)  # released as soon as no upcoming window needs them
     with pytest.raises(ValueError, match="only in the simulator"):
         OraclePolicy().decide(ctx(0.0, 1.0), {})
 
