@@ -7,8 +7,8 @@ Ray Serve's policy state and survive being copied; nothing reads a clock.
 * Daily profile: the mean rate per time-of-day bin, each bin updated once per day it is seen (EWMA
   across days). Once both the present bin and the bin at ``now + h`` have been seen, the forecast is
   the profile at ``now + h`` scaled by how today's level compares with the profile now.
-* Error: the forecast made one horizon ago is compared with what arrived; a ring buffer of
-  actual/forecast ratios gives an upper quantile to size with.
+* Recent peak: the highest short-window mean rate over a window, the bound on hedging and the
+  capacity held while bursts recur (see ``autoscaling.predictive``).
 * Lead time: an upper quantile of observed start-ups, with the configured prior counted as one
   observation so a single fast start cannot shrink the horizon.
 """
@@ -40,9 +40,7 @@ class ForecastParams:
         season_s: Length of a season (a day).
         season_bins: Bins per season.
         season_weight: Weight of the newest day in a bin's EWMA across days.
-        error_quantile: Quantile of actual/forecast ratios to size with.
-        error_window: Ratios kept.
-        warmup_updates: Updates before the trend and the error ratios are trusted.
+        warmup_updates: Updates before the trend is trusted.
         combine: ``max`` of the seasonal and the trend forecast, or ``season`` alone.
         max_trend_lift: The trend may move the forecast by at most this fraction of the level.
     """
@@ -53,8 +51,6 @@ class ForecastParams:
     season_s: float = 86400.0
     season_bins: int = 144
     season_weight: float = 0.5
-    error_quantile: float = 0.9
-    error_window: int = 360
     warmup_updates: int = 12
     combine: str = "max"
     max_trend_lift: float = 0.2
@@ -138,38 +134,6 @@ def peak_forecast(p: ForecastParams, state: dict[str, Any], now_s: float, horizo
     return max(forecast(p, state, now_s, horizon_s * i / steps) for i in range(steps + 1))
 
 
-def track_error(
-    p: ForecastParams, state: dict[str, Any], now_s: float, observed_per_s: float, predicted_per_s: float, horizon_s: float
-) -> dict[str, Any]:
-    """Score forecasts that have come due against ``observed_per_s``; remember this one for later.
-
-    Callers pass a smoothed observation (the level): per-interval counting noise is what the
-    utilisation headroom absorbs; the factor is for the forecast being wrong.
-    """
-    st = dict(state)
-    pending = [tuple(x) for x in st.get("pending", [])]
-    ratios = list(st.get("ratios", []))
-    keep = []
-    for due_s, pred in pending:
-        if due_s <= now_s:
-            if pred > 0 and st.get("n", 0) > 2 * p.warmup_updates:
-                ratios.append(observed_per_s / pred)
-        else:
-            keep.append((due_s, pred))
-    keep.append((now_s + horizon_s, predicted_per_s))
-    st["pending"] = keep
-    st["ratios"] = ratios[-p.error_window :]
-    return st
-
-
-def error_factor(p: ForecastParams, state: dict[str, Any], floor: float = 1.0, cap: float = 2.0) -> float:
-    """The upper-quantile actual/forecast ratio seen so far, within ``[floor, cap]``."""
-    ratios = state.get("ratios") or []
-    if len(ratios) < 10:
-        return floor
-    return min(cap, max(floor, quantile(ratios, p.error_quantile)))
-
-
 def learn_lead_time(state: dict[str, Any], key: str, observed_s: tuple[float, ...], keep: int = 20) -> dict[str, Any]:
     """Remember observed start-up durations under ``key`` (most recent ``keep``)."""
     if not observed_s:
@@ -185,14 +149,15 @@ def lead_time_s(state: dict[str, Any], key: str, prior_s: float, q: float = 0.9)
 
 
 def recent_peak(
-    recent: list[Any], now_s: float, rate_per_s: float, smoothing_s: float, window_s: float
+    recent: list[Any], now_s: float, rate_per_s: float, smoothing_s: float, window_s: float, keep_s: float
 ) -> tuple[list[list[float]], float]:
     """Add one observed rate; return the kept samples and the highest ``smoothing_s`` mean within ``window_s``.
 
-    ``recent`` holds ``[t, rate, smoothed]`` triples (JSON-able). The smoothed value is the mean of the
-    rates observed within the last ``smoothing_s`` (one sample when decisions are further apart).
+    ``recent`` holds ``[t, rate, smoothed]`` triples (JSON-able), kept for ``keep_s`` (the longest
+    window asked for). The smoothed value is the mean of the rates observed within the last
+    ``smoothing_s`` (one sample when decisions are further apart).
     """
-    kept = [list(x) for x in recent if x[0] > now_s - max(window_s, smoothing_s)]
+    kept = [list(x) for x in recent if x[0] > now_s - max(keep_s, window_s, smoothing_s)]
     inside = [x[1] for x in kept if x[0] > now_s - smoothing_s] + [rate_per_s]
     kept.append([now_s, rate_per_s, sum(inside) / len(inside)])
-    return kept, max(x[2] for x in kept)
+    return kept, max(x[2] for x in kept if x[0] > now_s - max(window_s, smoothing_s))

@@ -15,19 +15,25 @@ class PredictivePolicy:
 
     At each decision:
 
-    1. fold the observed rate into the forecaster (level, trend, daily profile) and score the
-       forecast made one lead time ago (actual/forecast ratios → an upper-quantile factor);
+    1. fold the observed rate into the forecaster (level, damped trend capped at a fraction of the
+       level, daily profile);
     2. learn the lead times from observed start-ups (node provisioning and replica load are learned
        apart, each starting from its prior);
-    3. replicas = what the highest forecast over the next replica lead time needs, times the error
-       factor, at ``utilization``; never below the reactive floor (what the rate seen now and the
-       requests in flight need);
-    4. nodes = the same over the longer node + replica lead time, so nodes are asked for before
-       the replicas that will need them (``pre_provision``), and released when the forecast falls;
-    5. while bursting (arrivals above the forecast, or a queue), never scale down; otherwise a
-       scale-down is a consolidation: wanting N-1 means N-1 replicas carry the window's peak
-       forecast at the planned utilisation (the count is the ceiling of that need);
-    6. the :class:`Guardrail` applies bounds, the scale-down delay and the cooldown after a scale-up.
+    3. remember the recent peak (the highest 30 s mean rate) over the peak window: one node + replica
+       lead, or, while bursts recur, 1.5 times the longest recent gap between burst starts;
+    4. replicas = what the higher of the peak forecast over the next replica lead time and the
+       recent peak needs by square-root staffing; never below the reactive floor (what the rate
+       seen now and the requests in flight need). The recent peak is the hedge: it is bounded by
+       load actually seen, so large forecast errors never climb to ``max_replicas``, and it lets go
+       once the bursts stop;
+    5. nodes = the same over the longer node + replica lead time, so nodes are asked for before
+       the replicas that will need them (``pre_provision``), and released when the need falls;
+    6. while bursting (arrivals above the forecast, or a queue), never scale down;
+    7. the :class:`Guardrail` applies bounds, the scale-down delay and the cooldown after a scale-up.
+
+    Every decision's reason splits the count into the reactive floor, what the forecast adds, what
+    the recent-peak hedge adds and what the guardrail holds, with the GPU-hours per hour above the
+    floor.
 
     Attributes:
         utilization: The highest fraction of slots to plan to use, however large the pool.
@@ -41,6 +47,9 @@ class PredictivePolicy:
             short of memory: one more replica is asked for and none removed.
         peak_window_s: How far back the recent peak reaches (None: the learned node + replica lead).
         peak_smoothing_s: The recent peak is of the arrival rate averaged over this many seconds.
+        recurrence_margin: While bursts recur, the peak is held this many times the longest recent
+            gap between burst starts.
+        max_peak_window_s: The longest the recent peak is held (and burst starts remembered).
         interval_s: How often to decide.
         forecast: Forecaster settings.
         guardrail: Bounds and cooldowns.
@@ -57,6 +66,8 @@ class PredictivePolicy:
     low_memory_headroom: float = 0.05
     peak_window_s: float | None = None
     peak_smoothing_s: float = 30.0
+    recurrence_margin: float = 1.5
+    max_peak_window_s: float = 3600.0
     forecast: fc.ForecastParams = field(default_factory=fc.ForecastParams)
     guardrail: Guardrail = field(default_factory=Guardrail)
 
@@ -70,9 +81,21 @@ class PredictivePolicy:
         node = fc.lead_time_s(state, "node_leads", self.node_lead_prior_s)
         return rep + self.interval_s, node + rep + self.interval_s
 
-    def peak_window(self, state: dict[str, Any]) -> float:
-        """Seconds of recent arrivals whose peak bounds (and holds) the hedge: one node + replica lead."""
-        return self.peak_window_s if self.peak_window_s is not None else self.horizons_s(state)[1]
+    def peak_window(self, state: dict[str, Any], now_s: float) -> float:
+        """Seconds of recent arrivals whose peak bounds (and holds) the hedge.
+
+        At least one node + replica lead (capacity released sooner cannot be back for a burst that
+        returns within it). While bursts recur, the longest recent gap between burst starts times
+        ``recurrence_margin``, so the capacity for the peaks is held through the gaps; once no burst
+        has started within that time, the bursts have stopped and the window is one lead again.
+        """
+        base = self.peak_window_s if self.peak_window_s is not None else self.horizons_s(state)[1]
+        starts = state.get("burst_starts", [])
+        gaps = [b - a for a, b in zip(starts, starts[1:])]
+        if not gaps:
+            return base
+        hold = min(self.max_peak_window_s, max(base, self.recurrence_margin * max(gaps)))
+        return hold if now_s - starts[-1] <= hold else base
 
     def decide(self, ctx: PolicyContext, state: dict[str, Any]) -> tuple[Decision, dict[str, Any]]:
         st = dict(state)
@@ -82,15 +105,7 @@ class PredictivePolicy:
         f = self.forecast
         fstate = fc.update(f, st.get("forecast", {}), ctx.now_s, ctx.arrivals_per_s)
         expected_now = fc.forecast(f, st.get("forecast", {}), ctx.now_s, 0.0) if st.get("forecast") else ctx.arrivals_per_s
-        fstate = fc.track_error(f, fstate, ctx.now_s, fstate["level"], fc.forecast(f, fstate, ctx.now_s, h_rep), h_rep)
         st["forecast"] = fstate
-        factor = fc.error_factor(f, fstate)
-        # The recent peak: the highest short-window mean rate over the last peak window. It bounds the
-        # hedge (capacity is never asked for a load higher than has been seen recently or is forecast)
-        # and holds capacity through recurring bursts that come back faster than a node can.
-        window = self.peak_window(st)
-        recent, peak = fc.recent_peak(st.get("recent", []), ctx.now_s, ctx.arrivals_per_s, self.peak_smoothing_s, window)
-        st["recent"] = recent
         work, slots = ctx.work_s_per_request, ctx.slots_per_replica
         # In flight on replicas: the interval's average less the queue now, but never more than the
         # slots that exist. Right after a backlog drains, the average still holds the queue it had:
@@ -104,10 +119,7 @@ class PredictivePolicy:
         # a whole node + replica lead ahead.
         h_ask = h_rep if self.pre_provision else h_node
         rate_fc = fc.peak_forecast(f, fstate, ctx.now_s, h_ask)
-        # The hedge for forecast error: the forecast times the error quantile, but never above the
-        # recent peak. Large errors on bursty traffic hold the recent peaks, not the ceiling.
-        rate_hedge = max(rate_fc, peak)
-        need_fc, need = size(rate_fc), size(rate_hedge)
+        need_fc = size(rate_fc)
         # A burst is arrivals above the forecast by more than the tolerance plus counting noise
         # (three standard deviations of a Poisson count over one interval), or a queue.
         noise = 3.0 / max(1.0, expected_now * self.interval_s) ** 0.5
@@ -115,6 +127,20 @@ class PredictivePolicy:
         # Memory nearly full on some replica: more load would push it into out-of-memory recovery.
         short_of_memory = ctx.memory_headroom_ratio is not None and ctx.memory_headroom_ratio < self.low_memory_headroom
         bursting = ctx.queued_requests >= 1 or surge or short_of_memory
+        if surge and not st.get("surging", False):
+            starts = [t for t in st.get("burst_starts", []) if t > ctx.now_s - self.max_peak_window_s]
+            st["burst_starts"] = (starts + [ctx.now_s])[-16:]
+        st["surging"] = surge
+        # The recent peak: the highest short-window mean rate over the peak window. It bounds the
+        # hedge (capacity is never asked for a load higher than has been seen recently or is forecast)
+        # and holds capacity through recurring bursts that come back faster than a node can.
+        window = self.peak_window(st, ctx.now_s)
+        recent, peak = fc.recent_peak(
+            st.get("recent", []), ctx.now_s, ctx.arrivals_per_s, self.peak_smoothing_s, window, self.max_peak_window_s
+        )
+        st["recent"] = recent
+        rate_hedge = max(rate_fc, peak)
+        need = size(rate_hedge)
         # Reactive floor: what arrives now and what is in flight now, whatever the forecast says.
         # Normally the rate is taken smoothed (the level): second-to-second noise is what the
         # headroom and the queue absorb. In a surge the raw rate is used at once: the level would
@@ -134,11 +160,11 @@ class PredictivePolicy:
         st["guard"] = gstate
         nodes = None
         if self.pre_provision:
-            rate_node = max(fc.peak_forecast(f, fstate, ctx.now_s, h_node), min(rate_fc * factor, peak))
+            rate_node = max(fc.peak_forecast(f, fstate, ctx.now_s, h_node), peak)
             nodes = max(replicas, ceil_replicas(size(rate_node)))
             nodes = min(nodes, ctx.max_replicas)
         # Every replica above the reactive floor is explained: how many the forecast adds, how many the
-        # error hedge adds, and what they cost (one GPU each, per hour held).
+        # recent-peak hedge adds, how many the guardrail holds, and what they cost (one GPU-hour per hour each).
         n_floor = ceil_replicas(floor)
         n_fc = max(0, ceil_replicas(need_fc) - n_floor)
         n_hedge = max(0, ceil_replicas(max(need, floor)) - n_floor - n_fc)
@@ -146,7 +172,7 @@ class PredictivePolicy:
         reason = (
             f"{action}: {replicas} replicas = floor {n_floor} (rate {seen:.1f}/s, {running:.0f} running, "
             f"{ctx.queued_requests:.0f} queued) + forecast {n_fc} ({rate_fc:.1f}/s within {h_ask:.0f}s) + hedge {n_hedge} "
-            f"(error x{factor:.2f}, capped at the {window:.0f}s peak {peak:.1f}/s)"
+            f"(the {window:.0f}s peak {peak:.1f}/s)"
             f"{' + held ' + str(extra - n_fc - n_hedge) if extra > n_fc + n_hedge else ''}; "
             f"{extra} over the floor cost {extra} GPU-h per hour{', bursting' if bursting else ''}"
         )

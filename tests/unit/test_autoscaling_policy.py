@@ -82,17 +82,6 @@ def test_daily_profile_anticipates_tomorrows_peak():
     assert fc.peak_forecast(p, st, now, 250.0) >= 80.0
 
 
-def test_error_factor_is_the_upper_quantile_of_actual_over_forecast():
-    p = fc.ForecastParams(warmup_updates=0, error_quantile=0.9)
-    st = {"n": 10}
-    for k in range(101):
-        st = fc.track_error(p, st, float(k), observed_per_s=1.0 + (k % 10) / 10, predicted_per_s=1.0, horizon_s=0.5)
-    # Each forecast is scored one update later: 100 ratios, 1.0 .. 1.9 ten times each; the 0.9 quantile is 1.8.
-    assert fc.error_factor(p, st) == pytest.approx(1.8)
-    assert fc.error_factor(p, {"ratios": [0.5] * 50}) == 1.0  # never below 1
-    assert fc.error_factor(p, {"ratios": [9.0] * 50}) == 2.0  # capped
-
-
 def test_lead_time_is_learned_from_startups_with_the_prior_as_one_observation():
     st: dict = {}
     assert fc.lead_time_s(st, "node_leads", 300.0) == 300.0
@@ -305,6 +294,6 @@ def test_registry_lists_builtins_and_names_them_on_a_bad_name():
         make_policy("nope")
     with pytest.raises(ValueError, match="bad parameters"):
         make_policy("hpa", no_such_knob=1)
-    pol = make_policy("predictive", headroom_beta=1.0, forecast_error_quantile=0.8, downscale_delay_s=60)
-    assert pol.headroom_beta == 1.0 and pol.forecast.error_quantile == 0.8 and pol.guardrail.downscale_delay_s == 60
+    pol = make_policy("predictive", headroom_beta=1.0, forecast_level_alpha=0.2, downscale_delay_s=60)
+    assert pol.headroom_beta == 1.0 and pol.forecast.level_alpha == 0.2 and pol.guardrail.downscale_delay_s == 60
     assert make_policy("autoscaling.baselines:HpaLikePolicy", utilization=0.5).utilization == 0.5
