@@ -8,7 +8,10 @@ iteration. This module is the edge: it reads the clock, turns Ray's ``Autoscalin
 policy's state inside Ray's policy state, and sends node requests.
 
 Signals, from each replica's ``record_autoscaling_stats`` (see ``serving``):
-``gpuserve_arrivals_per_s`` (requests received per second), ``gpuserve_service_s`` (slot-seconds per
+``gpuserve_arrivals_total`` (requests received since the replica started: the adapter counts the
+arrivals between two decisions from it, per replica, so the policy sees the rate of its own interval
+as in the simulator), ``gpuserve_arrivals_per_s`` (requests received per second over a 30 s window:
+the fallback before the first delta), ``gpuserve_service_s`` (slot-seconds per
 request), ``gpuserve_startup_s`` (constructor start to ready: the replica lead time learned online) and, on
 GPUs, ``gpuserve_memory_headroom_ratio`` (memory left below the high-water mark: low is a scale-up signal).
 """
@@ -24,6 +27,7 @@ from autoscaling import _node_requests
 from autoscaling.policy import PolicyContext, make_policy
 
 ARRIVALS = "gpuserve_arrivals_per_s"
+ARRIVALS_TOTAL = "gpuserve_arrivals_total"
 SERVICE = "gpuserve_service_s"
 STARTUP = "gpuserve_startup_s"
 MEMORY_HEADROOM = "gpuserve_memory_headroom_ratio"
@@ -66,7 +70,7 @@ class GpuservePolicy:
         if now - g.get("t", -math.inf) < self.policy.interval_s and "replicas" in g:
             return g["replicas"], state
         metrics = ctx.aggregated_metrics or {}
-        arrivals = sum(metrics.get(ARRIVALS, {}).values())
+        arrivals, totals = self._arrivals(ctx, g, now, metrics)
         service = [v for v in metrics.get(SERVICE, {}).values() if v > 0]
         work = sum(service) / len(service) if service else g.get("work", self.default_service_s)
         seen = set(g.get("seen", []))
@@ -94,7 +98,12 @@ class GpuservePolicy:
         )
         decision, pstate = self.policy.decide(pctx, g.get("state", {}))
         if self.node_bundle is not None and decision.nodes is not None:
-            _node_requests.update(str(ctx.deployment_id), decision.nodes, self.node_bundle, self.node_label_selector)
+            # Ask only while the nodes wanted exceed the replicas running. Ray's autoscaler places
+            # request_resources bundles on nodes' total resources, and a bundle placed on an idle
+            # node keeps it from idle termination: a standing request for as many nodes as there are
+            # running replicas could hold an idle node for ever, while the replicas hold their own.
+            nodes = decision.nodes if decision.nodes > ctx.current_num_replicas else 0
+            _node_requests.update(str(ctx.deployment_id), nodes, self.node_bundle, self.node_label_selector)
         if decision.replicas != ctx.target_num_replicas:
             # One line per change, in the Serve controller's log: what was decided and why.
             logger.info(
@@ -113,6 +122,31 @@ class GpuservePolicy:
             "work": work,
             # Replica IDs live as long as the replicas; keep the set from growing without bound.
             "seen": sorted(seen)[-256:],
+            "totals": totals,
             "state": pstate,
         }
         return decision.replicas, state
+
+    @staticmethod
+    def _arrivals(ctx: Any, g: dict[str, Any], now: float, metrics: dict[str, Any]) -> tuple[float, dict[str, float]]:
+        """Arrivals per second since the previous decision, from each replica's latest total.
+
+        A replica new since then counts from its start; one gone since then no longer counts (its
+        last arrivals were counted at the decision before). Without totals from the previous decision
+        (the first one, or replicas that did not report yet), the replicas' windowed rates are summed.
+        """
+        raw = {}
+        try:
+            raw = (ctx.raw_metrics or {}).get(ARRIVALS_TOTAL, {})
+        except Exception:  # noqa: BLE001 - an older Ray without raw metrics: use the windowed rates
+            raw = {}
+        totals: dict[str, float] = {}
+        for rid, series in raw.items():
+            if series:
+                last = series[-1]
+                totals[str(getattr(rid, "unique_id", rid))] = float(getattr(last, "value", last))
+        prev, prev_t = g.get("totals"), g.get("t")
+        if totals and prev and prev_t is not None and now > prev_t:
+            delta = sum(max(0.0, v - prev.get(k, 0.0)) for k, v in totals.items())
+            return delta / (now - prev_t), totals
+        return sum(metrics.get(ARRIVALS, {}).values()), totals

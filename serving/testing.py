@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional, Union
 
 if TYPE_CHECKING:
+    from serving._private.autoscaling_cluster import AutoscalingCluster
     from serving.pools import NodePool
 
-__all__ = ["local_cluster", "make_tiny_causal_lm"]
+__all__ = ["autoscaling_cluster", "local_cluster", "make_tiny_causal_lm"]
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -127,3 +128,49 @@ def local_cluster(
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+@contextlib.contextmanager
+def autoscaling_cluster(
+    pools: list["NodePool"],
+    provisioning_s: Union[float, dict[str, float], None] = None,
+    idle_timeout_s: float = 10.0,
+    head_cpus: float = 0.0,
+    env: Optional[dict[str, str]] = None,
+) -> Iterator["AutoscalingCluster"]:
+    """A local Ray cluster whose GPU nodes are launched by Ray's own autoscaler (v2), slowly.
+
+    Only the head runs at first (no CPUs by default, so no work lands there). Each pool becomes one
+    of the autoscaler's node types: its CPUs, whole fake GPUs, accelerator resource and labels, at
+    most ``max_nodes``. When Ray's autoscaler launches a node (for pending replicas, or for
+    ``request_resources``, which the predictive policy sends ahead of the replicas), the node joins
+    ``provisioning_s`` later, as a cloud GPU node would; an idle node is released after
+    ``idle_timeout_s``. The driver is connected (``ray.init``) for the duration. On exit, even after
+    a failure, every process of this cluster is ended (nothing else on the machine is: no
+    ``ray stop``).
+
+    Args:
+        pools: The node pools.
+        provisioning_s: Delay from launch to join: one for every pool, per pool name, or None for
+            each pool's own ``provisioning_s``.
+        idle_timeout_s: How long a node stays idle before Ray's autoscaler releases it.
+        head_cpus: CPUs of the head node.
+        env: Environment for the cluster's processes (head, autoscaler, nodes, replicas), on top of
+            this process's.
+
+    Yields:
+        The running cluster: its ``address``, ``events()`` (launch, joined, terminated, with times)
+        and ``gpu_node_seconds()``.
+    """
+    import ray
+
+    from serving._private.autoscaling_cluster import AutoscalingCluster
+
+    cluster = AutoscalingCluster(pools, provisioning_s, idle_timeout_s, head_cpus, env)
+    try:
+        cluster.start()
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Optional
 
+from autoscaling.policy import make_policy
 from serving.spec import ModelDeployment
 
 if TYPE_CHECKING:
@@ -18,6 +19,8 @@ MAX_CONSTRUCTOR_RETRY_COUNT = 3
 
 
 GPUSERVE_POLICY = "autoscaling.ray_policy:GpuservePolicy"
+# Ray Serve's default replica metrics push interval.
+DEFAULT_PUSH_INTERVAL_S = 10.0
 
 
 def _policy_kwargs(spec: ModelDeployment, pool: Optional["NodePool"]) -> dict[str, Any]:
@@ -115,7 +118,16 @@ def deployment_options(spec: ModelDeployment, pool: Optional["NodePool"] = None)
         if a.initial_replicas is not None:
             cfg["initial_replicas"] = a.initial_replicas
         if a.gpuserve_policy is not None:
-            cfg["policy"] = {"policy_function": GPUSERVE_POLICY, "policy_kwargs": _policy_kwargs(spec, pool)}
+            kwargs = _policy_kwargs(spec, pool)
+            cfg["policy"] = {"policy_function": GPUSERVE_POLICY, "policy_kwargs": kwargs}
+            # Replicas push their metrics every metrics_interval_s (Ray: 10 s unless the driver's
+            # environment said otherwise when Ray was imported). The policy counts the arrivals
+            # between its decisions from those pushes: stale by up to one push, they read as a lag
+            # and then a jump. Push at least twice per decision and twice per look-back window.
+            interval_s = make_policy(kwargs["policy"], **kwargs["params"]).interval_s
+            push_s = min(DEFAULT_PUSH_INTERVAL_S, interval_s / 2, a.look_back_period_s / 2)
+            if push_s < DEFAULT_PUSH_INTERVAL_S:
+                cfg["metrics_interval_s"] = push_s
             # The gpuserve policy applies its own scale-down delay and cooldown; Ray's delay logic
             # on top would double them.
             cfg["upscale_delay_s"] = 0.0

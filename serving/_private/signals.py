@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from collections import deque
 
-from autoscaling.ray_policy import ARRIVALS, MEMORY_HEADROOM, SERVICE, STARTUP
+from autoscaling.ray_policy import ARRIVALS, ARRIVALS_TOTAL, MEMORY_HEADROOM, SERVICE, STARTUP
 
 __all__ = ["LoadSignals", "MEMORY_HEADROOM"]
 
 
 class LoadSignals:
-    """Arrivals per second and mean service time over a sliding window, plus the replica's start-up time.
+    """Arrivals (per second over a sliding window, and in total), mean service time, and the replica's start-up time.
 
     Args:
         started_s: When the replica began serving (same clock as the calls).
@@ -24,12 +24,14 @@ class LoadSignals:
     def __init__(self, started_s: float, startup_s: float, window_s: float = 30.0):
         self.started_s, self.startup_s, self.window_s = started_s, startup_s, window_s
         self._arrivals: deque[tuple[float, int]] = deque()
+        self._total = 0
         self._service: deque[tuple[float, float]] = deque()
 
     def arrival(self, now_s: float, count: int = 1) -> None:
         """Count arrivals; behind the gateway one dispatched request carries the requests that arrived
         (admitted or not) since the previous one, so rejected demand still reaches the autoscaler."""
         self._arrivals.append((now_s, count))
+        self._total += count
 
     def served(self, now_s: float, service_s: float) -> None:
         self._service.append((now_s, service_s))
@@ -44,4 +46,11 @@ class LoadSignals:
         # A young replica has not seen a whole window yet: divide by what it has seen.
         span = max(1e-3, min(self.window_s, now_s - self.started_s))
         mean = sum(s for _, s in self._service) / len(self._service) if self._service else 0.0
-        return {ARRIVALS: sum(n for _, n in self._arrivals) / span, SERVICE: mean, STARTUP: self.startup_s}
+        # The total lets the policy count exactly the arrivals between two of its decisions; the
+        # windowed rate lags a change by half the window and is only the fallback.
+        return {
+            ARRIVALS: sum(n for _, n in self._arrivals) / span,
+            ARRIVALS_TOTAL: float(self._total),
+            SERVICE: mean,
+            STARTUP: self.startup_s,
+        }

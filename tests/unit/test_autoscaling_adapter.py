@@ -101,6 +101,9 @@ def test_load_signals_window_on_a_fake_clock():
     assert snap[SERVICE] == 0.5 and snap[STARTUP] == 42.0
     snap = sig.snapshot(200.0)
     assert snap[ARRIVALS] == 0.0 and snap[SERVICE] == 0.0
+    # The total never leaves the window: the adapter differences it between decisions.
+    sig.arrival(201.0, count=5)  # behind the gateway, one dispatch carries the arrivals since the last
+    assert sig.snapshot(201.0)["gpuserve_arrivals_total"] == 15.0
 
 
 def spec(**auto):
@@ -153,3 +156,64 @@ def test_ray_default_and_import_paths_pass_through():
 def test_bad_policy_settings_name_field_and_fix(auto, match):
     with pytest.raises(ValidationError, match=match):
         spec(**auto)
+
+
+def test_adapter_counts_the_arrivals_between_its_decisions_from_the_replicas_totals():
+    """The windowed rate lags a change by half its window; the totals give the decision's own interval."""
+    from types import SimpleNamespace as TV
+
+    from autoscaling.ray_policy import ARRIVALS_TOTAL
+
+    pol = GpuservePolicy("hpa", slots_per_replica=4)
+
+    def call(now, totals, state):
+        c = ray_ctx(now, metrics={ARRIVALS: {"r1": 1.0, "r2": 1.0}, SERVICE: {"r1": 1.0, "r2": 1.0}}, state=state)
+        c.raw_metrics = {ARRIVALS_TOTAL: {rid: [TV(timestamp=now - 1, value=0.0), TV(timestamp=now, value=v)] for rid, v in totals.items()}}
+        return pol(c)
+
+    _, st = call(100.0, {"r1": 50.0, "r2": 70.0}, None)
+    assert st["gpuserve"]["totals"] == {"r1": 50.0, "r2": 70.0}
+    # Without earlier totals (the first decision), the windowed rates (1 + 1) stand in.
+    assert pol._arrivals(SimpleNamespace(raw_metrics={}), {}, 100.0, {ARRIVALS: {"r1": 1.0, "r2": 1.0}}) == (2.0, {})
+    assert pol._arrivals(SimpleNamespace(raw_metrics={ARRIVALS_TOTAL: {"r1": [TV(timestamp=1.0, value=9.0)]}}), {"t": 90.0, "totals": {}}, 100.0, {ARRIVALS: {"r1": 1.0}})[0] == 1.0
+    # 15 s later: r1 got 150 more, r2 left (not counted), r3 is new with 30 since its start: 180 / 15 s.
+    rate, totals = pol._arrivals(
+        SimpleNamespace(raw_metrics={ARRIVALS_TOTAL: {"r1": [TV(timestamp=115.0, value=200.0)], "r3": [TV(timestamp=115.0, value=30.0)]}}),
+        st["gpuserve"],
+        115.0,
+        {},
+    )
+    assert rate == pytest.approx(12.0) and totals == {"r1": 200.0, "r3": 30.0}
+
+
+def test_replicas_push_their_metrics_at_least_twice_per_decision_and_look_back():
+    """Metrics a whole push interval stale read as a lag then a jump in the arrivals between decisions."""
+    cfg = deployment_options(spec(policy="predictive"))["autoscaling_config"]
+    assert cfg["metrics_interval_s"] == 5.0  # the policy decides every 10 s
+    cfg = deployment_options(spec(policy="predictive", look_back_period_s=2.0, policy_params={"interval_s": 1.0}))[
+        "autoscaling_config"
+    ]
+    assert cfg["metrics_interval_s"] == 0.5
+    assert "metrics_interval_s" not in deployment_options(spec())["autoscaling_config"]  # Ray's own policy: Ray's default
+
+
+def test_no_node_request_stands_when_it_adds_nothing_beyond_the_replicas(monkeypatch):
+    """Ray's autoscaler (v2) places request_resources bundles on nodes' total resources: a bundle
+    placed on an idle node keeps it from idle termination. With 1 replica on 1 of 2 nodes, a standing
+    request for 1 node could hold the idle one for ever (seen end to end); the replicas already hold
+    their own nodes, so the request is cleared until the policy wants nodes ahead of them."""
+    sent = []
+    monkeypatch.setattr(_node_requests, "_ray_request", lambda b, s: sent.append(len(b)))
+    monkeypatch.setattr(_node_requests, "_sent", None)
+    monkeypatch.setattr(_node_requests, "_wanted", {})
+    pol = GpuservePolicy("predictive", slots_per_replica=4, node_bundle={"GPU": 1.0, "CPU": 2.0})
+    from autoscaling.policy import Decision
+
+    decisions = iter([Decision(replicas=2, nodes=3), Decision(replicas=1, nodes=1), Decision(replicas=2, nodes=2)])
+    monkeypatch.setattr(pol.policy, "decide", lambda ctx, st: (next(decisions), st))
+    pol(ray_ctx(0.0, running=2, target=2, metrics={SERVICE: {"r1": 1.0}}))
+    assert sent == [3]  # ahead of the replicas: the whole pool is asked for
+    pol(ray_ctx(100.0, running=1, target=1, metrics={SERVICE: {"r1": 1.0}}))
+    assert sent == [3, 0]  # nothing beyond the running replica: no standing request
+    pol(ray_ctx(200.0, running=1, target=1, metrics={SERVICE: {"r1": 1.0}}))
+    assert sent == [3, 0, 2]  # nodes and replicas up in one decision: the new node is asked for
