@@ -182,6 +182,7 @@ def run_real(policy: str, arrivals: np.ndarray, provisioning_s: float, score_fro
         time.sleep(IDLE_TIMEOUT_S + 30)
         end = time.time()
         events = cluster.events()
+        node_seconds = cluster.gpu_node_seconds(until_s=end, since_s=t0 + score_from_s)
         serve.shutdown()
     launched = [e for e in events if e["kind"] == "launch"]
     joined = {e["node_id"]: e["t"] for e in events if e["kind"] == "joined"}
@@ -191,7 +192,7 @@ def run_real(policy: str, arrivals: np.ndarray, provisioning_s: float, score_fro
     ok = sum(1 for _, s, lat in scored if s == 200 and lat - service <= slo_s)
     return {
         "slo_attainment": ok / len(scored) if scored else 1.0,
-        "gpu_node_seconds": _node_seconds(events, t0 + score_from_s, end),
+        "gpu_node_seconds": node_seconds,
         "nodes_launched": len(launched) - 1,  # the pool's standing node (min_nodes) is not a launch for load
         "requests": len(scored),
         "status_counts": {str(k): sum(1 for _, s, _ in scored if s == k) for k in sorted({s for _, s, _ in scored})},
@@ -202,17 +203,6 @@ def run_real(policy: str, arrivals: np.ndarray, provisioning_s: float, score_fro
         },
         "_run_s": end - t0,
     }
-
-
-def _node_seconds(events: list[dict], since: float, until: float) -> float:
-    start: dict[str, float] = {}
-    total = 0.0
-    for e in events:
-        if e["kind"] == "launch":
-            start[e["node_id"]] = e["t"]
-        elif e["kind"] in ("terminated", "cancelled") and e["node_id"] in start:
-            total += max(0.0, min(e["t"], until) - max(start.pop(e["node_id"]), since))
-    return total + sum(max(0.0, until - max(t, since)) for t in start.values())
 
 
 def run_sim(policy: str, arrivals: np.ndarray, provisioning_s: float, measured: dict, score_from_s: float, slo_s: float, run_s: float) -> dict:
