@@ -140,6 +140,8 @@ def replica_health(base, replicas, timeout_s=60):
     return seen
 
 
+# A stuck cluster must fail the test, not hang the suite (its loops have their own deadlines too).
+@pytest.mark.timeout(900)
 def test_predictive_policy_gets_nodes_from_rays_autoscaler_ahead_of_its_replicas():
     import ray
     from ray import serve
