@@ -108,8 +108,9 @@ class PredictivePolicy:
         st["forecast"] = fstate
         work, slots = ctx.work_s_per_request, ctx.slots_per_replica
         # In flight on replicas: the interval's average less the queue now, but never more than the
-        # slots that exist. Right after a backlog drains, the average still holds the queue it had:
-        # read as concurrency, it asked for the ceiling.
+        # slots that exist (Ray: total requests = running on replicas + queued at handles). Right
+        # after a backlog drains, the average still holds the queue it had: read as concurrency, it
+        # asked for the ceiling.
         running = min(max(0.0, ctx.ongoing_requests - ctx.queued_requests), float(ctx.ready_replicas * slots))
 
         def size(rate: float) -> float:

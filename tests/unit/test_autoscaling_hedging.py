@@ -37,7 +37,8 @@ def run(pol, rates, ready=1, t0=0.0):
 def test_a_drained_backlog_is_not_read_as_concurrency():
     """Right after a queue drains, the interval's average in-flight count still holds the queue it had
     (here 1200 with 12 x 16 = 192 slots). Read as concurrency it asked for the ceiling; requests in
-    flight on replicas can never exceed the slots that exist."""
+    flight on replicas can never exceed the slots that exist (in Ray, total requests are those running
+    on replicas plus those queued at handles, reported apart)."""
     pol = PredictivePolicy()
     _, st = run(pol, [96.0] * 60, ready=13)
     d, _ = pol.decide(ctx(600.0, 30.0, ready=12, ongoing=1200.0, queued=0.0), st)
