@@ -8,6 +8,7 @@ it through the same ``from_pretrained`` path a real model takes.
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional, Union
 
@@ -169,7 +170,18 @@ def autoscaling_cluster(
     cluster = AutoscalingCluster(pools, provisioning_s, idle_timeout_s, head_cpus, env)
     try:
         cluster.start()
-        ray.init(address=cluster.address, log_to_driver=False)
+        # The GCS port answers before the GCS serves clients; on a loaded machine the first connect
+        # can fail. The connection itself is the readiness check.
+        deadline = time.monotonic() + 90.0
+        while True:
+            try:
+                ray.init(address=cluster.address, log_to_driver=False)
+                break
+            except ConnectionError:
+                ray.shutdown()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(2.0)
         yield cluster
     finally:
         ray.shutdown()
