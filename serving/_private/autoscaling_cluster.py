@@ -141,6 +141,10 @@ class AutoscalingCluster:
                 "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID,
                 "AUTOSCALER_UPDATE_INTERVAL_S": "1",
                 "RAY_USAGE_STATS_ENABLED": "0",
+                # `ray start` turns on token authentication when a token exists on the machine
+                # (~/.ray/auth_token, left by any earlier Ray), while a driver connecting to an explicit
+                # address does not: this local test cluster runs without it, whatever the machine has.
+                "RAY_AUTH_MODE": "disabled",
             }
         )
         env.update(self._env)
