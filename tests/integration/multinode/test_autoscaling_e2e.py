@@ -228,7 +228,10 @@ def test_predictive_policy_gets_nodes_from_rays_autoscaler_ahead_of_its_replicas
                 elif not x["pending_replica_gpus"] and since is not None:
                     waits.append(x["t"] - since)
                     since = None
-            assert all(w < PROVISIONING_S + 4.0 for w in waits), (waits, why)
+            # A cold start for a pending replica: Ray notices it (about 1 s), launches (1 s), provisions,
+            # and the raylet joins (up to 4 s on this machine). A replica whose node was asked with it in
+            # the same decision (the compressed-time case) waits about that long too; none waits longer.
+            assert all(w < PROVISIONING_S + 6.0 for w in waits), (waits, why)
             assert all(e["delay_s"] == PROVISIONING_S for e in launches)
             launched_ids = {e["node_id"] for e in launches}
             assert len(health) == 3
