@@ -183,9 +183,7 @@ def run(args: argparse.Namespace, passthrough: list[str] | None = None) -> int:
 def _scenario(name: str, cfg: Any) -> Any:
     from autoscaling.scenarios import make_scenario
 
-    # Drawn at the rate whose peak needs --peak-replicas (or 20) replicas at full use.
-    peak = (cfg.peak_replicas or 20.0) * cfg.slots_per_replica / cfg.service_time_s
-    return make_scenario(name, peak_rate_per_s=peak, seed=cfg.seed)
+    return make_scenario(name, peak_rate_per_s=cfg.peak_rate_per_s(), seed=cfg.seed)
 
 
 def _print_table(results: list[Any], scored_from_s: float, out: Any) -> None:

@@ -44,28 +44,28 @@ def _window_need(work: np.ndarray, counts: np.ndarray, backlog: float, slots: in
         total = counts.sum()
         return (ok / total if total > 0 else 1.0), float(after[-1]) if len(after) else backlog
 
-    if run(hi)[0] < target:
-        return hi, run(hi)[1]
+    best = run(hi)
+    if best[0] < target:
+        return hi, best[1]
+    # Bisect, keeping the outcome of the fewest replicas found to meet the target.
     while lo < hi:
         mid = (lo + hi) // 2
-        if run(mid)[0] >= target:
-            hi = mid
+        outcome = run(mid)
+        if outcome[0] >= target:
+            hi, best = mid, outcome
         else:
             lo = mid + 1
-    return lo, run(lo)[1]
+    return hi, best[1]
 
 
 def plan_schedule(prepared: Any, cfg: Any, max_replicas: int, target: float) -> np.ndarray:
     """Replicas per window from the fluid plan (step 1 of the module docstring)."""
     step = int(cfg.timeline_step_s)
+    counts = np.asarray(prepared.counts, dtype=float)  # arrivals per second, both engines
     if prepared.kind == "fluid":
-        counts = np.asarray(prepared.counts, dtype=float)
         work = counts * prepared.work_s
     else:
-        sec = prepared.arrival_s.astype(int)
-        n = int(math.ceil(prepared.duration_s)) + 1
-        counts = np.bincount(sec, minlength=n).astype(float)
-        work = np.bincount(sec, weights=prepared.service_s, minlength=n)
+        work = np.bincount(prepared.arrival_s.astype(int), weights=prepared.service_s, minlength=len(counts))
     windows = int(math.ceil(len(counts) / step))
     sched = np.zeros(windows + 1, dtype=int)
     backlog = 0.0

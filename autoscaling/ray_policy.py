@@ -135,11 +135,7 @@ class GpuservePolicy:
         last arrivals were counted at the decision before). Without totals from the previous decision
         (the first one, or replicas that did not report yet), the replicas' windowed rates are summed.
         """
-        raw = {}
-        try:
-            raw = (ctx.raw_metrics or {}).get(ARRIVALS_TOTAL, {})
-        except Exception:  # noqa: BLE001 - an older Ray without raw metrics: use the windowed rates
-            raw = {}
+        raw = (getattr(ctx, "raw_metrics", None) or {}).get(ARRIVALS_TOTAL, {})
         totals: dict[str, float] = {}
         for rid, series in raw.items():
             if series:

@@ -84,6 +84,11 @@ class SimConfig:
         if self.timeline_step_s < 1:
             raise ValueError(f"timeline_step_s ({self.timeline_step_s}) must be >= 1")
 
+    def peak_rate_per_s(self) -> float:
+        """Arrivals per second whose load needs ``peak_replicas`` (20 when unset) replicas at full use,
+        at ``service_time_s`` each: the rate synthetic scenarios are drawn at."""
+        return (self.peak_replicas or 20.0) * self.slots_per_replica / self.service_time_s
+
     def scored_from_s(self) -> float:
         """Where scoring starts: ``score_from_s``, or the warm start, rounded up to a whole timeline step."""
         start = self.score_from_s
@@ -584,9 +589,9 @@ def _run_requests(p: Prepared, cfg: SimConfig, pool: Pool, ctl: _Controller, bar
     n = len(arr)
     slots, deadline, qmax, slo = cfg.slots_per_replica, cfg.deadline_s, cfg.max_queued_requests, cfg.slo_s
     scored_from = tally.scored_from
-    win = [tally.window(x) for x in arr]
-    for w, c in zip(*np.unique(np.array(win, dtype=int), return_counts=True)):
-        tally.requests[w] += c
+    win_arr = np.minimum((p.arrival_s // tally.step).astype(int), len(tally.requests) - 1)
+    tally.requests += np.bincount(win_arr, minlength=len(tally.requests))
+    win = win_arr.tolist()
     t_ok, t_rej, t_exp = tally.ok, tally.rejected, tally.expired
     comp: list[float] = []
     queue: deque[int] = deque()

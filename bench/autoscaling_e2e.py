@@ -191,8 +191,7 @@ def health(base: str, tries: int = 20) -> list[float]:
 def run_real(policy: str, arrivals: np.ndarray, provisioning_s: float, score_from_s: float, slo_s: float) -> dict:
     from ray import serve
 
-    from serving.testing import autoscaling_cluster
-    from tests.integration.conftest import free_port
+    from serving.testing import autoscaling_cluster, free_port
 
     env = {
         "PYTHONPATH": str(ROOT),

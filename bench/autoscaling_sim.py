@@ -119,6 +119,13 @@ def verdict(frontier):
     return out
 
 
+def plot(results, prepared, cfg, plots_dir, slug, title):
+    """One PNG per trace: every policy's timeline."""
+    from autoscaling.plot import plot_timelines
+
+    plot_timelines(list(results.values()), prepared, cfg, str(Path(plots_dir) / f"autoscaling_{slug}.png"), title=title)
+
+
 def suite_table(name, results, oracle_h, scored_from):
     """One scenario's table (standard error): SLO, GPU-hours vs the oracle, scale events, per policy."""
     print(f"\n{name} (scored from {scored_from:g} s)", file=sys.stderr)
@@ -158,8 +165,7 @@ def main() -> None:
     cfg = SimConfig()
     doc: dict = {"benchmark": "autoscaling", "config": {k: v for k, v in cfg.__dict__.items()}, "traces": {}}
     if args.suite:
-        peak = cfg.peak_replicas * cfg.slots_per_replica / cfg.service_time_s
-        todo = {f"scenario:{n}": make_scenario(n, peak_rate_per_s=peak, seed=args.seed) for n in scenario_names()}
+        todo = {f"scenario:{n}": make_scenario(n, cfg.peak_rate_per_s(), seed=args.seed) for n in scenario_names()}
         for name, path in TRACES.items():
             todo[name] = load_trace(path) if path.exists() else None
         doc["seed"] = args.seed
@@ -176,10 +182,7 @@ def main() -> None:
             doc["traces"][name] = out
             suite_table(name, results, oracle_h, cfg.scored_from_s())
             if args.plots_dir:
-                from autoscaling.plot import plot_timelines
-
-                slug = name.replace("scenario:", "scenario_")
-                plot_timelines(list(results.values()), prepared, cfg, str(Path(args.plots_dir) / f"autoscaling_{slug}.png"), title=name)
+                plot(results, prepared, cfg, args.plots_dir, name.replace("scenario:", "scenario_"), name)
         print(json.dumps(doc, indent=2, default=list))
         return
     todo = {"azure_conv_1h": TRACES["azure_conv_1h"]} if args.quick else dict(TRACES)
@@ -192,9 +195,7 @@ def main() -> None:
         out["wall_s"] = round(time.perf_counter() - t0, 1)
         doc["traces"][name] = out
         if args.plots_dir:
-            from autoscaling.plot import plot_timelines
-
-            plot_timelines(list(results.values()), prepared, cfg, str(Path(args.plots_dir) / f"autoscaling_{name}.png"), title=name)
+            plot(results, prepared, cfg, args.plots_dir, name, name)
         print(f"{name}: done in {out['wall_s']} s", file=sys.stderr)
     if not args.quick:
         t0 = time.perf_counter()
@@ -202,9 +203,7 @@ def main() -> None:
         out["wall_s"] = round(time.perf_counter() - t0, 1)
         doc["traces"]["synthetic_3d"] = out
         if args.plots_dir:
-            from autoscaling.plot import plot_timelines
-
-            plot_timelines(list(results.values()), prepared, cfg, str(Path(args.plots_dir) / "autoscaling_synthetic_3d.png"), title="synthetic_3d")
+            plot(results, prepared, cfg, args.plots_dir, "synthetic_3d", "synthetic_3d")
     print(json.dumps(doc, indent=2, default=list))
 
 

@@ -24,19 +24,12 @@ import contextlib
 import json
 import os
 import random
-import socket
 import sys
 import time
 
 import aiohttp
 
 TASK = "tests.integration.stall_task:FixedServiceTask"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pct(values, q):
@@ -209,6 +202,8 @@ def main(argv=None) -> int:
 
     import ray
     from ray import serve
+
+    from serving.testing import free_port
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)

@@ -8,7 +8,7 @@ it through the same ``from_pretrained`` path a real model takes.
 from __future__ import annotations
 
 import contextlib
-import time
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional, Union
 
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from serving._private.autoscaling_cluster import AutoscalingCluster
     from serving.pools import NodePool
 
-__all__ = ["autoscaling_cluster", "local_cluster", "make_tiny_causal_lm"]
+__all__ = ["autoscaling_cluster", "free_port", "local_cluster", "make_tiny_causal_lm"]
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -26,6 +26,13 @@ _CORPUS = [
     "Once upon a time there was a small model that generated text.",
     "0123456789 !?.,;:'\"()[]{}-_/\\ abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ",
 ]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_tiny_causal_lm(
@@ -170,18 +177,7 @@ def autoscaling_cluster(
     cluster = AutoscalingCluster(pools, provisioning_s, idle_timeout_s, head_cpus, env)
     try:
         cluster.start()
-        # The GCS port answers before the GCS serves clients; on a loaded machine the first connect
-        # can fail. The connection itself is the readiness check.
-        deadline = time.monotonic() + 90.0
-        while True:
-            try:
-                ray.init(address=cluster.address, log_to_driver=False)
-                break
-            except ConnectionError:
-                ray.shutdown()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(2.0)
+        ray.init(address=cluster.address, log_to_driver=False)
         yield cluster
     finally:
         ray.shutdown()

@@ -22,17 +22,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
+from serving.testing import free_port
+
 if TYPE_CHECKING:
     from serving.pools import NodePool
 
 FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"
 PROVIDER = "serving._private.delayed_provider.DelayedFakeProvider"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cluster_config(
@@ -120,10 +116,9 @@ class AutoscalingCluster:
         self.idle_timeout_s, self.head_cpus = idle_timeout_s, head_cpus
         self.temp_dir = tempfile.mkdtemp(prefix="gpuserve-as-")
         self.events_path = os.path.join(self.temp_dir, "provider-events.jsonl")
-        self.address = f"127.0.0.1:{_free_port()}"
+        self.address = f"127.0.0.1:{free_port()}"
         self._env = dict(env or {})
         self._proc: Optional[subprocess.Popen] = None
-        self._sid: Optional[int] = None
         self.session_id: Optional[int] = None
 
     def start(self, timeout_s: float = 120.0) -> None:
@@ -157,18 +152,18 @@ class AutoscalingCluster:
             f"--autoscaling-config={config_path}",
             f"--temp-dir={self.temp_dir}",
             "--include-dashboard=false",
-            f"--ray-client-server-port={_free_port()}",
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}",
+            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
             "--object-store-memory=100000000",
             "--disable-usage-stats",
         ]  # fmt: skip
-        log = open(os.path.join(self.temp_dir, "head.log"), "ab")
         # A session of its own: every process of this cluster (head, autoscaler, the nodes it starts,
         # their workers) carries its id, so stop() can end exactly these.
-        self._proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self._sid = self.session_id = self._proc.pid
+        with open(os.path.join(self.temp_dir, "head.log"), "ab") as log:
+            self._proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.session_id = self._proc.pid
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -209,9 +204,11 @@ class AutoscalingCluster:
 
     def stop(self) -> None:
         """End every process of this cluster's session and remove its files. Safe to call twice."""
-        if self._sid is None:
+        proc, self._proc = self._proc, None
+        if proc is None:  # never started, or stopped already
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
             return
-        sid, self._sid = self._sid, None
+        sid = proc.pid
         for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
             pids = _session_pids(sid)
             for pid in pids:
@@ -224,11 +221,10 @@ class AutoscalingCluster:
                 time.sleep(0.2)
             if not _session_pids(sid):
                 break
-        if self._proc is not None:
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def alive_pids(self) -> list[int]:

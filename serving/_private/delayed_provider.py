@@ -102,8 +102,3 @@ class DelayedFakeProvider(FakeMultiNodeProvider):
         super().terminate_node(node_id)
         if node is not None:
             self._event(kind="terminated", node_id=node_id)
-
-    def _next_hex_node_id(self):
-        # Ids are reserved at launch time, so the counter moves only forward.
-        self._next_node_id += 1
-        return "fffffffffffffffffffffffffffffffffffffffffffffffffff" + str(self._next_node_id).zfill(5)

@@ -1,15 +1,26 @@
 """A real local Ray Serve for the whole integration session, reached over real HTTP."""
 
-import socket
+import glob
+import os
+from typing import Optional
 
 import httpx
 import pytest
 
+from serving.testing import free_port  # noqa: F401 - the integration tests import it from here
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+def controller_log_lines(marker: str, logs_dir: Optional[str] = None) -> list[str]:
+    """Lines holding ``marker`` in the Serve controller's logs (default: the connected session's)."""
+    if logs_dir is None:
+        import ray
+
+        logs_dir = ray._private.worker.global_worker.node.get_logs_dir_path()
+    out = []
+    for path in glob.glob(os.path.join(logs_dir, "serve", "controller_*.log")):
+        with open(path) as f:
+            out += [line for line in f if marker in line]
+    return out
 
 
 @pytest.fixture(scope="session")

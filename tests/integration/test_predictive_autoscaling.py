@@ -1,7 +1,5 @@
 """The predictive policy in real Ray Serve: up on a ramp, down after the cooldown (short timescales)."""
 
-import glob
-import os
 import threading
 import time
 
@@ -9,19 +7,9 @@ import httpx
 
 from serving import AutoscalingSpec, BatchingSpec, ModelDeployment, ModelSource, QueueSpec, WarmupSpec
 from tests.conftest import MINILM
+from tests.integration.conftest import controller_log_lines
 
 APP = "predictive"
-
-
-def controller_log_lines(marker: str) -> list[str]:
-    import ray
-
-    logs = ray._private.worker.global_worker.node.get_logs_dir_path()
-    out = []
-    for path in glob.glob(os.path.join(logs, "serve", "controller_*.log")):
-        with open(path) as f:
-            out += [line for line in f if marker in line]
-    return out
 
 
 def running_replicas(app: str, deployment: str) -> int:

@@ -17,7 +17,7 @@ from serving import AutoscalingSpec, BatchingSpec, ModelDeployment, ModelSource,
 from serving import ServingSpec, WarmupSpec
 from serving.pools import POOL_LABEL
 from tests.conftest import MINILM
-from tests.integration.conftest import free_port
+from tests.integration.conftest import controller_log_lines, free_port
 
 ROOT = Path(__file__).resolve().parents[3]
 PROVISIONING_S = 8.0
@@ -118,13 +118,8 @@ class Watch(threading.Thread):
 
 def decisions(cluster) -> str:
     """The policy's logged decisions (Serve controller log), for failure messages."""
-    import glob
-
-    lines = []
-    for path in glob.glob(f"{cluster.temp_dir}/session_latest/logs/serve/controller_*.log"):
-        with open(path) as f:
-            lines += [x.strip()[:400] for x in f if "gpuserve autoscaling" in x]
-    return "\n".join(lines)
+    lines = controller_log_lines("gpuserve autoscaling", f"{cluster.temp_dir}/session_latest/logs")
+    return "\n".join(x.strip()[:400] for x in lines)
 
 
 def replica_health(base, replicas, timeout_s=60):
