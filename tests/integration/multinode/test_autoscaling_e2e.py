@@ -258,3 +258,31 @@ def test_predictive_policy_gets_nodes_from_rays_autoscaler_ahead_of_its_replicas
             watch.join(timeout=5)
             serve.shutdown()
     assert cluster.alive_pids() == []
+
+
+CONNECT_WITH_A_TOKEN_ON_THE_MACHINE = """
+import ray
+from serving import NodePool
+from serving.testing import autoscaling_cluster
+
+pool = NodePool(name="gpu", gpus_per_node=1, cpus_per_node=1, memory_bytes_per_node=8 << 30, max_nodes=1)
+with autoscaling_cluster([pool]) as cluster:
+    assert any(n["Alive"] for n in ray.nodes())
+    print("connected")
+assert cluster.alive_pids() == []
+"""
+
+
+def test_the_local_cluster_is_reached_although_a_ray_token_exists_on_the_machine():
+    """Any earlier Ray may leave a token (~/.ray/auth_token; here RAY_AUTH_TOKEN): `ray start` then turns
+    token authentication on, while a driver connecting to an explicit address does not, and could
+    not connect (seen in CI). A child process, so the token stays out of this one's Ray."""
+    import os
+    import subprocess
+    import sys
+    import uuid
+
+    env = {**os.environ, "RAY_AUTH_TOKEN": uuid.uuid4().hex, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_AUTH_MODE", None)
+    done = subprocess.run([sys.executable, "-c", CONNECT_WITH_A_TOKEN_ON_THE_MACHINE], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "connected" in done.stdout, done.stderr[-3000:]
