@@ -119,6 +119,33 @@ def verdict(frontier):
     return out
 
 
+# The predictive policy's argued defaults against their alternatives (docs/autoscaling.md), measured
+# on every scenario and trace of the suite in one run.
+ABLATIONS = {
+    "max_trend_lift=0.5": {"forecast_max_trend_lift": 0.5},
+    "headroom_beta=2": {"headroom_beta": 2.0},
+    "recurrence_margin=1": {"recurrence_margin": 1.0},
+    "recurrence_margin=2": {"recurrence_margin": 2.0},
+}
+
+
+def ablations(prepared, cfg, results):
+    """Each alternative's SLO and GPU-hours as a ratio to the default's, on one prepared trace."""
+    from autoscaling.policy import make_policy
+    from autoscaling.simulator import simulate
+
+    base = results["predictive"]
+    out = {}
+    for label, params in ABLATIONS.items():
+        r = simulate(prepared, make_policy("predictive", **params), cfg, name=label)
+        out[label] = {
+            "slo_attainment": round(r.slo_attainment, 4),
+            "slo_vs_default": round(r.slo_attainment - base.slo_attainment, 4),
+            "gpu_hours_vs_default": round(r.gpu_hours / base.gpu_hours, 3),
+        }
+    return out
+
+
 def plot(results, prepared, cfg, plots_dir, slug, title):
     """One PNG per trace: every policy's timeline."""
     from autoscaling.plot import plot_timelines
@@ -159,6 +186,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="Azure trace only, defaults only (about 10 s)")
     ap.add_argument("--suite", action="store_true", help="the scenario suite and both shared traces, defaults only")
+    ap.add_argument("--ablations", action="store_true", help="with --suite: each argued default against its alternatives")
     ap.add_argument("--seed", type=int, default=11, help="seed of the scenario draws (not one used in development)")
     ap.add_argument("--plots-dir", help="write one PNG per trace here")
     args = ap.parse_args()
@@ -177,6 +205,10 @@ def main() -> None:
             out, results, prepared = run_trace(name, trace, cfg, True)
             oracle_h = results["oracle"].gpu_hours
             out["goal"] = goal(results, oracle_h)
+            if args.ablations:
+                out["ablations"] = ablations(prepared, cfg, results)
+                for label, a in out["ablations"].items():
+                    print(f"  predictive {label:<22} slo {a['slo_vs_default']:+.4f}  gpu_h x{a['gpu_hours_vs_default']:.3f} of the default", file=sys.stderr)
             out["scored_from_s"] = cfg.scored_from_s()
             out["wall_s"] = round(time.perf_counter() - t0, 1)
             doc["traces"][name] = out
