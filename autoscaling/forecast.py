@@ -149,15 +149,24 @@ def lead_time_s(state: dict[str, Any], key: str, prior_s: float, q: float = 0.9)
 
 
 def recent_peak(
-    recent: list[Any], now_s: float, rate_per_s: float, smoothing_s: float, window_s: float, keep_s: float
-) -> tuple[list[list[float]], float]:
-    """Add one observed rate; return the kept samples and the highest ``smoothing_s`` mean within ``window_s``.
+    state: dict[str, Any], now_s: float, rate_per_s: float, smoothing_s: float, window_s: float, keep_s: float
+) -> tuple[dict[str, Any], float]:
+    """Add one observed rate; return the new state and the highest ``smoothing_s`` mean within ``window_s``.
 
-    ``recent`` holds ``[t, rate, smoothed]`` triples (JSON-able), kept for ``keep_s`` (the longest
-    window asked for). The smoothed value is the mean of the rates observed within the last
-    ``smoothing_s`` (one sample when decisions are further apart).
+    The smoothed value is the mean of the rates observed within the last ``smoothing_s`` (one sample
+    when decisions are further apart). ``state`` (JSON-able) holds those rates (``rates``: ``[t, rate]``)
+    and a sliding-window maximum over ``keep_s`` (the longest window asked for): ``peaks`` are
+    ``[t, smoothed]`` pairs with falling values, a new one dropping every earlier one it equals or
+    exceeds, so the peak within any window is the first pair inside it. That keeps the state and
+    each decision's work small however long the window (an hour of decisions is 360 samples).
     """
-    kept = [list(x) for x in recent if x[0] > now_s - max(keep_s, window_s, smoothing_s)]
-    inside = [x[1] for x in kept if x[0] > now_s - smoothing_s] + [rate_per_s]
-    kept.append([now_s, rate_per_s, sum(inside) / len(inside)])
-    return kept, max(x[2] for x in kept if x[0] > now_s - max(window_s, smoothing_s))
+    rates = [x for x in state.get("rates", []) if x[0] > now_s - smoothing_s] + [[now_s, rate_per_s]]
+    smoothed = sum(r for _, r in rates) / len(rates)
+    horizon = now_s - max(keep_s, window_s, smoothing_s)
+    peaks = [x for x in state.get("peaks", []) if x[0] > horizon]
+    while peaks and peaks[-1][1] <= smoothed:
+        peaks.pop()
+    peaks.append([now_s, smoothed])
+    start = now_s - max(window_s, smoothing_s)
+    peak = next(v for t, v in peaks if t > start)
+    return {"rates": rates, "peaks": peaks}, peak

@@ -65,6 +65,8 @@ def plan_schedule(prepared: Any, cfg: Any, max_replicas: int, target: float) -> 
     if prepared.kind == "fluid":
         work = counts * prepared.work_s
     else:
+        # The plan runs to the second after the last arrival's, as the request engine does.
+        counts = np.pad(counts, (0, max(0, int(math.ceil(prepared.duration_s)) + 1 - len(counts))))
         work = np.bincount(prepared.arrival_s.astype(int), weights=prepared.service_s, minlength=len(counts))
     windows = int(math.ceil(len(counts) / step))
     sched = np.zeros(windows + 1, dtype=int)

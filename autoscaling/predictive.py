@@ -136,10 +136,9 @@ class PredictivePolicy:
         # hedge (capacity is never asked for a load higher than has been seen recently or is forecast)
         # and holds capacity through recurring bursts that come back faster than a node can.
         window = self.peak_window(st, ctx.now_s)
-        recent, peak = fc.recent_peak(
-            st.get("recent", []), ctx.now_s, ctx.arrivals_per_s, self.peak_smoothing_s, window, self.max_peak_window_s
+        st["recent"], peak = fc.recent_peak(
+            st.get("recent", {}), ctx.now_s, ctx.arrivals_per_s, self.peak_smoothing_s, window, self.max_peak_window_s
         )
-        st["recent"] = recent
         rate_hedge = max(rate_fc, peak)
         need = size(rate_hedge)
         # Reactive floor: what arrives now and what is in flight now, whatever the forecast says.

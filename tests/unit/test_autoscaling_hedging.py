@@ -101,3 +101,27 @@ def test_the_recurrence_margin_decides_whether_a_gap_is_bridged(margin, expect_h
     last_gap = [d.replicas for d in decisions[4 * 60 + 6 : 5 * 60]]
     peak_need = math.ceil(replicas_staffed(160.0, 1.0, 16, pol.headroom_beta, pol.utilization))
     assert (min(last_gap) >= peak_need) is expect_held
+
+
+def test_the_recent_peak_equals_the_highest_smoothed_rate_in_any_window():
+    """The sliding-window maximum keeps few samples, yet answers as a scan of all of them would, whatever
+    the window asked (it changes from decision to decision as bursts recur and stop)."""
+    import random
+
+    from autoscaling import forecast as fc
+
+    rng = random.Random(7)
+    state: dict = {}
+    seen: list[tuple[float, float]] = []  # (t, smoothed), every sample
+    rates: list[tuple[float, float]] = []
+    t = 0.0
+    for _ in range(2000):
+        t += rng.choice([1.0, 10.0, 10.0, 25.0])
+        rate = rng.expovariate(1 / 50.0)
+        window = rng.choice([5.0, 60.0, 370.0, 900.0, 3600.0])
+        state, peak = fc.recent_peak(state, t, rate, 30.0, window, 3600.0)
+        rates.append((t, rate))
+        inside = [r for s, r in rates if s > t - 30.0]
+        seen.append((t, sum(inside) / len(inside)))
+        assert peak == pytest.approx(max(v for s, v in seen if s > t - max(window, 30.0)))
+    assert len(state["peaks"]) < 60  # an hour of decisions, kept as a short falling run
