@@ -195,7 +195,9 @@ class AdmissionQueue:
                     )
                 )
         shed: list[tuple[Ticket, int]] = []
-        if len(self) >= self.max_queued:
+        # The bound is on requests that wait: one a free slot takes at once never waits, so a
+        # bound of 0 means "nobody waits", not "nobody gets in".
+        if len(self) + 1 - max(0, free_slots) > self.max_queued:
             victim_class = next(
                 (c for c in range(len(self.classes) - 1, priority, -1) if self._queues[c]), None
             )

@@ -182,3 +182,23 @@ def test_with_no_replica_running_one_request_reaches_ray_so_scale_from_zero_sees
     assert not a.queued and b.queued and q.in_flight == 1
     q.drain.replicas(1, 0, 0.0)
     assert q.next_to_run() is b  # the replica is up: its slots open
+
+
+def test_a_zero_queue_bound_admits_a_request_a_free_slot_takes_at_once():
+    # max_queued_requests = 0 means "nobody waits", not "nobody gets in": a request that runs
+    # at once never waits, so a free slot takes it; only a request that would wait is refused.
+    q = make(max_queued=0, slots=2, service_s=0.5)
+    first = offer(q, 0.0, INTERACTIVE)
+    second = offer(q, 0.0, INTERACTIVE)
+    assert first.ticket is not None and second.ticket is not None and q.in_flight == 2
+    third = offer(q, 0.0, INTERACTIVE)
+    assert third.rejection is not None and third.rejection.reason == "queue_full"
+    q.finished(0.5)
+    assert offer(q, 0.1, BATCH).ticket is not None and len(q) == 0
+
+
+def test_the_bound_counts_waiting_requests_not_running_ones():
+    q = make(max_queued=1, slots=2, service_s=0.5)
+    assert all(offer(q, 0.0, INTERACTIVE).ticket is not None for _ in range(3))  # 2 run, 1 waits
+    assert q.in_flight == 2 and len(q) == 1
+    assert offer(q, 0.0, INTERACTIVE).rejection.reason == "queue_full"
