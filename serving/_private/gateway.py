@@ -111,6 +111,8 @@ class Gateway:
         self._startup = StartupTracker()
         self._arrivals_since_dispatch = 0
         self._metrics = metrics if metrics is not None else AdmissionMetrics(self.spec.name)
+        # Dispatched requests not yet settled: check_health holds in_flight to this count.
+        self._dispatched: set[Ticket] = set()
         self._poller: "Optional[asyncio.Task]" = None
         self._first_poll: "Optional[asyncio.Event]" = None
 
@@ -142,14 +144,32 @@ class Gateway:
         self.queue.record(outcome, reason)
         self._metrics.answered(outcome, reason)
 
+    @staticmethod
+    def _resolve(ticket: Ticket, verdict: Any) -> bool:
+        """Tell a waiting request its verdict; False if its client already left (its future is cancelled).
+
+        A client's cancellation cancels the future at once but runs its handler a turn later, so
+        in between the ticket still looks queued: the future, not the ticket, says who is waiting.
+        """
+        fut = ticket.handle
+        if fut.done():  # type: ignore[union-attr]
+            return False
+        fut.set_result(verdict)  # type: ignore[union-attr]
+        return True
+
     def _pump(self) -> None:
         """Dispatch queued requests while replica slots are free."""
         while (t := self.queue.next_to_run()) is not None:
-            t.handle.set_result(_GO)  # type: ignore[union-attr]
+            if self._resolve(t, _GO):
+                self._dispatched.add(t)
+            else:
+                # Its client left in this very turn: the slot goes back at once (its own
+                # handler counts the outcome) and the next request takes it.
+                self.queue.finished(None)
 
     def _expire(self, ticket: Ticket) -> None:
         if self.queue.remove(ticket):
-            ticket.handle.set_result(_EXPIRED)  # type: ignore[union-attr]
+            self._resolve(ticket, _EXPIRED)
 
     def _class_and_deadline(self, request: Request, now_s: float) -> tuple[int, Optional[float]]:
         q = self.spec.queue
@@ -205,7 +225,7 @@ class Gateway:
         self._arrivals_since_dispatch += 1
         admission = self.queue.offer(time.monotonic(), priority, deadline_s)
         for victim, why in admission.shed:
-            victim.handle.set_result(why)  # type: ignore[union-attr]
+            self._resolve(victim, why)
         if admission.rejection is not None:
             return self._reject(admission.rejection)
         ticket = admission.ticket
@@ -293,6 +313,7 @@ class Gateway:
             # Ray could not deliver it (the replica is going away or momentarily unreachable): the
             # request never ran, so it is handed back to the head of its class, not failed.
             logger.warning("gpuserve: request handed back to the queue (%s)", type(e).__name__)
+            self._dispatched.discard(ticket)
             self.queue.requeue(ticket)
             return None
         except RayActorError:
@@ -318,6 +339,7 @@ class Gateway:
         if ticket.settled:
             return
         ticket.settled = True
+        self._dispatched.discard(ticket)
         self.queue.finished(service_s)
         self._pump()
         self._answered(outcome, reason)

@@ -133,3 +133,53 @@ def test_clients_leaving_while_running_and_while_queued_free_their_slots():
 
     c = settled(run(main()))
     assert c["served"] == 1 and c["failed"] == 2
+
+
+class Gate:
+    """A model step that finishes when the test says so."""
+
+    def __init__(self):
+        self.event = asyncio.Event()
+
+    async def __call__(self):
+        await self.event.wait()
+
+
+class GatedModel(Model):
+    async def _call(self):
+        self.calls += 1
+        step = self.script.pop(0)
+        if isinstance(step, BaseException):
+            raise step
+        if isinstance(step, Gate):
+            await step()
+        else:
+            await asyncio.sleep(step)
+        return 200, {"content-type": "application/json"}, b'{"object": "list"}'
+
+
+def test_a_queued_client_leaving_in_the_same_tick_as_a_completion_leaks_nothing():
+    # One slot. A runs, B waits. A's call completes and B's client leaves in the same turn of the
+    # event loop: A's task runs first, frees the slot and dispatches B, whose future is already
+    # cancelled. Before the fix that raised InvalidStateError inside A (answered 500), B's slot was
+    # never given back, and with one slot nothing was dispatched again.
+    async def main():
+        gate = Gate()
+        g = gateway(GatedModel(gate, 0.0))
+        a = asyncio.create_task(g._admit_and_forward("embeddings", request()))
+        await asyncio.sleep(0.05)
+        b = asyncio.create_task(g._admit_and_forward("embeddings", request()))
+        await asyncio.sleep(0.05)
+        assert g.queue.in_flight == 1 and len(g.queue) == 1
+        gate.event.set()  # A's task is scheduled first ...
+        b.cancel()  # ... B's in the same tick
+        resp_a = await a
+        await asyncio.gather(b, return_exceptions=True)
+        assert b.cancelled()
+        c = await asyncio.wait_for(g._admit_and_forward("embeddings", request()), 2.0)
+        return g, resp_a, c
+
+    g, resp_a, c = run(main())
+    assert resp_a.status_code == 200 and c.status_code == 200
+    counts = settled(g)
+    assert counts["served"] == 2 and counts["failed"] == 1
