@@ -56,6 +56,9 @@ logger = logging.getLogger("ray.serve")
 # How often the gateway reads the deployment's replica counts from the Serve controller:
 # fast enough that a new replica gets work within a second of becoming ready.
 POLL_PERIOD_S = 0.5
+# A poll that has not answered by then is given up for this period (the controller may be hung or
+# restarting): the gateway keeps its last counts and never waits for the controller to admit.
+POLL_TIMEOUT_S = 2.0
 # A request Ray could not deliver to a replica (it was going away) is tried again this many times.
 MAX_HAND_BACKS = 3
 # GET /health and /v1/models wait at most this long for a replica to answer.
@@ -114,29 +117,58 @@ class Gateway:
         # Dispatched requests not yet settled: check_health holds in_flight to this count.
         self._dispatched: set[Ticket] = set()
         self._poller: "Optional[asyncio.Task]" = None
-        self._first_poll: "Optional[asyncio.Event]" = None
+        # Until the controller first answers, assume one running replica: the least a deployment that
+        # receives traffic has, so admission never waits for the controller and never over-commits.
+        self.drain.replicas(1, 0, 0.0)
 
     # -- replica counts ---------------------------------------------------------
 
-    async def _ensure_poller(self) -> None:
-        if self._poller is None:
-            self._first_poll = asyncio.Event()
-            self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
-        await self._first_poll.wait()  # type: ignore[union-attr]
+    def _ensure_poller(self) -> None:
+        """Start the replica-count poller, or start it again if it stopped. Never waits for it."""
+        if self._poller is not None and not self._poller.done():
+            return
+        if self._poller is not None and not self._poller.cancelled() and self._poller.exception() is not None:
+            logger.error("gpuserve: the gateway's poller stopped; starting it again", exc_info=self._poller.exception())
+        self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
 
     async def _poll_forever(self) -> None:
+        pending: "Optional[asyncio.Future]" = None
         while True:
             try:
-                running, starting = await asyncio.to_thread(self._replica_states)
-            except Exception as e:  # noqa: BLE001 - keep the last counts; the controller may be restarting
-                logger.warning("gpuserve: gateway could not read replica counts: %s", e)
-            else:
+                # A call still hung from an earlier period is waited on again, not stacked: a hung
+                # controller costs one thread, not one per period.
+                if pending is None:
+                    pending = asyncio.ensure_future(asyncio.to_thread(self._replica_states))
+                running, starting = await asyncio.wait_for(asyncio.shield(pending), POLL_TIMEOUT_S)
+                pending = None
                 remaining = self._startup.observe(time.monotonic(), running, starting)
                 self.drain.replicas(running, starting, remaining)
                 self._pump()
-            self._first_poll.set()  # type: ignore[union-attr]
-            self._metrics.gauges(self.queue.queued_by_class(), self.queue.in_flight, self.drain.capacity)
+            except asyncio.TimeoutError:
+                logger.warning("gpuserve: the Serve controller did not answer within %.1f s; keeping the last "
+                               "replica counts", POLL_TIMEOUT_S)
+            except Exception as e:  # noqa: BLE001 - keep the last counts; the controller may be restarting
+                pending = None
+                logger.warning("gpuserve: gateway could not read replica counts: %s", e)
+            try:
+                self._metrics.gauges(self.queue.queued_by_class(), self.queue.in_flight, self.drain.capacity)
+            except Exception as e:  # noqa: BLE001 - a metrics hiccup must not stop the counts
+                logger.warning("gpuserve: gateway could not export its gauges: %s", e)
             await asyncio.sleep(POLL_PERIOD_S)
+
+    async def check_health(self) -> None:
+        """Serve's health check: the poller runs (restarted if it stopped) and the slot count adds up.
+
+        Raises:
+            RuntimeError: ``in_flight`` differs from the dispatched requests not yet settled: slots
+                leaked or were freed twice, and admission can no longer be trusted.
+        """
+        self._ensure_poller()
+        if self.queue.in_flight != len(self._dispatched):
+            raise RuntimeError(
+                f"gateway invariant broken: in_flight={self.queue.in_flight} but {len(self._dispatched)} "
+                "dispatched requests are unsettled"
+            )
 
     # -- admission ----------------------------------------------------------------
 
@@ -214,7 +246,7 @@ class Gateway:
             self._check_auth(request)
             priority, deadline_s = self._class_and_deadline(request, now)
             body = await read_json(request, self.spec.queue.max_request_body_bytes)
-            await self._ensure_poller()
+            self._ensure_poller()
         except asyncio.CancelledError:
             # The client left before its request was admitted: still one outcome per request.
             self._answered(FAILED, "client_disconnected")
@@ -411,7 +443,7 @@ class Gateway:
             self._check_auth(request)
         except Unauthorized as e:
             return error_response(e)
-        await self._ensure_poller()
+        self._ensure_poller()
         d = self.drain
         return JSONResponse(
             {

@@ -183,3 +183,78 @@ def test_a_queued_client_leaving_in_the_same_tick_as_a_completion_leaks_nothing(
     assert resp_a.status_code == 200 and c.status_code == 200
     counts = settled(g)
     assert counts["served"] == 2 and counts["failed"] == 1
+
+
+def test_a_hung_controller_poll_gates_nothing_and_is_timed_out(monkeypatch):
+    # The first poll of the Serve controller never returns. Admission must not wait for it:
+    # requests are dispatched on a conservative capacity (one replica's slots) meanwhile.
+    import threading
+
+    from serving._private import gateway as gw
+
+    monkeypatch.setattr(gw, "POLL_TIMEOUT_S", 0.2)
+    hang, calls = threading.Event(), []
+
+    def hung_states():
+        calls.append(1)
+        hang.wait(10)
+        return 1, 0
+
+    async def main():
+        g = Gateway.__new__(Gateway)
+        g._setup(SPEC, Model(0.0, 0.0), hung_states, Metrics())
+        first = await asyncio.wait_for(g._admit_and_forward("embeddings", request()), 2.0)
+        second = await asyncio.wait_for(g._admit_and_forward("embeddings", request()), 2.0)
+        await asyncio.sleep(1.0)  # several poll periods: the hung call is not stacked again
+        healthy = not g._poller.done()
+        g._poller.cancel()
+        hang.set()  # let the hung thread end before the loop closes
+        return g, first, second, healthy
+
+    try:
+        g, first, second, healthy = run(main())
+    finally:
+        hang.set()
+    assert first.status_code == 200 and second.status_code == 200 and healthy
+    assert len(calls) == 1
+    assert settled(g)["served"] == 2
+
+
+def test_the_poller_survives_its_own_errors_and_the_health_check_restarts_it():
+    class FlakyMetrics(Metrics):
+        fails = 2
+
+        def gauges(self, *a):
+            if self.fails:
+                self.fails -= 1
+                raise RuntimeError("exporter hiccup")
+
+    async def main():
+        g = Gateway.__new__(Gateway)
+        g._setup(SPEC, Model(0.0), lambda: (1, 0), FlakyMetrics())
+        assert (await g._admit_and_forward("embeddings", request())).status_code == 200
+        await asyncio.sleep(1.5)  # three poll periods, two of them failing
+        survived = not g._poller.done()
+        g._poller.cancel()
+        await asyncio.gather(g._poller, return_exceptions=True)
+        await g.check_health()  # finds it dead, starts it again
+        restarted = not g._poller.done()
+        g._poller.cancel()
+        return survived, restarted
+
+    assert run(main()) == (True, True)
+
+
+def test_the_health_check_fails_when_the_slot_count_disagrees_with_the_dispatched_requests():
+    import pytest
+
+    async def main():
+        g = gateway(Model(0.0))
+        assert (await g._admit_and_forward("embeddings", request())).status_code == 200
+        await g.check_health()
+        g.queue.in_flight += 1  # a slot taken with no request behind it: a leak
+        with pytest.raises(RuntimeError, match="in_flight"):
+            await g.check_health()
+        g._poller.cancel()
+
+    run(main())
