@@ -295,6 +295,14 @@ class QueueSpec(_Spec):
         "that cannot be answered in time gets 429 at admission, one still queued at its deadline gets 504. "
         "None: no deadline.",
     )
+    server_timeout_s: float = Field(
+        default=900.0,
+        gt=0,
+        le=86_400,
+        description="Longest a dispatched request may run on a replica when it has no deadline of its own; then it "
+        "is cancelled there and answered 504. Its own deadline (header or default_timeout_s) bounds it end to end "
+        "instead. Raise it for long generations.",
+    )
     drain_timeout_s: float = Field(
         default=60.0,
         gt=0,

@@ -139,14 +139,18 @@ class Gateway:
                 # controller costs one thread, not one per period.
                 if pending is None:
                     pending = asyncio.ensure_future(asyncio.to_thread(self._replica_states))
-                running, starting = await asyncio.wait_for(asyncio.shield(pending), POLL_TIMEOUT_S)
-                pending = None
-                remaining = self._startup.observe(time.monotonic(), running, starting)
-                self.drain.replicas(running, starting, remaining)
-                self._pump()
-            except asyncio.TimeoutError:
-                logger.warning("gpuserve: the Serve controller did not answer within %.1f s; keeping the last "
-                               "replica counts", POLL_TIMEOUT_S)
+                # asyncio.wait, not wait_for: on Python 3.11 wait_for swallows a cancellation that
+                # arrives as the call completes, and the poller would then outlive its replica.
+                done, _ = await asyncio.wait({pending}, timeout=POLL_TIMEOUT_S)
+                if not done:
+                    logger.warning("gpuserve: the Serve controller did not answer within %.1f s; keeping the "
+                                   "last replica counts", POLL_TIMEOUT_S)
+                else:
+                    running, starting = pending.result()
+                    pending = None
+                    remaining = self._startup.observe(time.monotonic(), running, starting)
+                    self.drain.replicas(running, starting, remaining)
+                    self._pump()
             except Exception as e:  # noqa: BLE001 - keep the last counts; the controller may be restarting
                 pending = None
                 logger.warning("gpuserve: gateway could not read replica counts: %s", e)
@@ -271,11 +275,15 @@ class Gateway:
     async def _wait_and_forward(self, ticket: Ticket, endpoint: str, body: Any) -> Response:
         loop = asyncio.get_running_loop()
         timer = None
-        if ticket.deadline_s is not None:
-            timer = loop.call_later(max(0.0, ticket.deadline_s - time.monotonic()), self._expire, ticket)
         try:
             for _ in range(MAX_HAND_BACKS + 1):
                 ticket.handle = loop.create_future()
+                if ticket.deadline_s is not None:
+                    # Armed for every wait, a hand-back's included: a timer that fired while the request
+                    # ran does nothing, and the request would otherwise wait again without a deadline.
+                    if timer is not None:
+                        timer.cancel()
+                    timer = loop.call_later(max(0.0, ticket.deadline_s - time.monotonic()), self._expire, ticket)
                 self._pump()
                 try:
                     verdict = await ticket.handle
@@ -312,19 +320,55 @@ class Gateway:
             if timer is not None:
                 timer.cancel()
 
+    def _run_until_s(self, ticket: Ticket, started_s: float) -> float:
+        """When a dispatched request is cut off: its own deadline, else the server timeout from dispatch."""
+        if ticket.deadline_s is not None:
+            return ticket.deadline_s
+        return started_s + self.spec.queue.server_timeout_s
+
+    async def _bounded(self, awaitable: Any, until_s: float) -> tuple[bool, Any]:
+        """Await a replica call until ``until_s``: (True, result), or (False, None) once it is cancelled there."""
+        task = asyncio.ensure_future(awaitable)
+        # asyncio.wait, not wait_for: wait_for on Python 3.11 can swallow the caller's own cancellation.
+        done, _ = await asyncio.wait({task}, timeout=max(0.0, until_s - time.monotonic()))
+        if done:
+            return True, task.result()
+        task.cancel()
+        return False, None
+
+    def _timed_out(self, ticket: Ticket) -> Response:
+        self._settle(ticket, EXPIRED, "deadline_running")
+        if ticket.deadline_s is not None:
+            why = "the request's deadline passed while it ran on a replica; it was cancelled there"
+        else:
+            why = (
+                f"the request ran longer than the server allows ({self.spec.queue.server_timeout_s:g} s, "
+                "queue.server_timeout_s) and was cancelled; send a longer X-Gpuserve-Timeout-S or ask for less work"
+            )
+        return error_response(RequestExpired(why, code="deadline_exceeded"))
+
     async def _forward(self, ticket: Ticket, endpoint: str, body: Any) -> Optional[Response]:
-        """Run a dispatched request on a replica. None: the replica went away first, the ticket is queued again."""
+        """Run a dispatched request on a replica. None: the replica went away first, the ticket is queued again.
+
+        The call is bounded by the request's deadline (or the server timeout) and cancelled on the
+        replica when it passes: a request never holds a slot longer than its client waits for it.
+        """
         arrivals, self._arrivals_since_dispatch = max(1, self._arrivals_since_dispatch), 0
         started = time.monotonic()
+        until_s = self._run_until_s(ticket, started)
         stream = isinstance(body, dict) and body.get("stream") is True
         try:
             if stream:
                 gen = self._model.options(stream=True).call_stream.remote(endpoint, body, arrivals)
-                status, headers = await gen.__anext__()
+                ok, head = await self._bounded(gen.__anext__(), until_s)
+                if not ok:
+                    gen.cancel()
+                    return self._timed_out(ticket)
+                status, headers = head
                 if status != 200:
                     chunk = await gen.__anext__()
                     return self._done(ticket, started, Response(chunk, status_code=status, headers=headers))
-                relay = self._relay(gen, ticket, started)
+                relay = self._relay(gen, ticket, started, until_s)
                 # Started here, so its finally (which frees the slot and counts the outcome) runs however
                 # the stream ends: iterated to the end, closed, or dropped unsent when the client leaves
                 # (asyncio closes a started async generator when it is collected).
@@ -339,7 +383,12 @@ class Gateway:
                         yield chunk
 
                 return StreamingResponse(body(), status_code=status, headers=headers)
-            status, headers, payload = await self._model.call.remote(endpoint, body, arrivals)
+            call = self._model.call.remote(endpoint, body, arrivals)
+            ok, result = await self._bounded(call, until_s)
+            if not ok:
+                call.cancel()
+                return self._timed_out(ticket)
+            status, headers, payload = result
             return self._done(ticket, started, Response(payload, status_code=status, headers=headers))
         except (ActorUnavailableError, BackPressureError) as e:
             # Ray could not deliver it (the replica is going away or momentarily unreachable): the
@@ -384,20 +433,32 @@ class Gateway:
             self._settle(ticket, FAILED, f"http_{resp.status_code}", time.monotonic() - started_s)
         return resp
 
-    async def _relay(self, gen: Any, ticket: Ticket, started_s: float) -> AsyncIterator[bytes]:
-        ok = False
+    async def _relay(self, gen: Any, ticket: Ticket, started_s: float, until_s: float) -> AsyncIterator[bytes]:
+        ok = expired = False
         try:
-            async for chunk in gen:
+            while True:
+                got, chunk = await self._bounded(gen.__anext__(), until_s)
+                if not got:
+                    expired = True
+                    raise RequestExpired(
+                        "the stream ran past the request's deadline (or queue.server_timeout_s) and was cancelled",
+                        code="deadline_exceeded",
+                    )
                 yield chunk
+        except StopAsyncIteration:
             ok = True
         except Exception as e:  # noqa: BLE001 - the status line is sent; report in-band, as the replica does
-            logger.error("gpuserve: stream from the replica failed", exc_info=e)
+            if not expired:
+                logger.error("gpuserve: stream from the replica failed", exc_info=e)
             yield b"data: " + json.dumps(error_body(e)).encode() + b"\n\n"
         finally:
             # The slot is busy for the whole stream; a client that leaves mid-stream stops it.
             if not ok:
                 gen.cancel()
-                self._settle(ticket, FAILED, "stream_interrupted")
+                if expired:
+                    self._settle(ticket, EXPIRED, "deadline_running")
+                else:
+                    self._settle(ticket, FAILED, "stream_interrupted")
             else:
                 self._settle(ticket, SERVED, "ok", time.monotonic() - started_s)
 

@@ -32,11 +32,25 @@ class Metrics:
         pass
 
 
+class Pending:
+    """Stands in for a DeploymentResponse: awaitable, and cancellable as Serve's is."""
+
+    def __init__(self, coro, model):
+        self.task, self.model = asyncio.ensure_future(coro), model
+
+    def __await__(self):
+        return self.task.__await__()
+
+    def cancel(self):
+        self.model.cancelled += 1
+        self.task.cancel()
+
+
 class Model:
     """Stands in for the DeploymentHandle: each call takes the next step of a script."""
 
     def __init__(self, *script):
-        self.script, self.calls = list(script), 0
+        self.script, self.calls, self.cancelled = list(script), 0, 0
 
     @property
     def call(self):
@@ -44,7 +58,7 @@ class Model:
 
         class Remote:
             def remote(self, endpoint, body, arrivals):
-                return model._call()
+                return Pending(model._call(), model)
 
         return Remote()
 
@@ -63,11 +77,12 @@ def gateway(model):
     return g
 
 
-def request(body=b'{"input": "x"}'):
+def request(body=b'{"input": "x"}', headers=()):
     async def receive():
         return {"type": "http.request", "body": body, "more_body": False}
 
-    scope = {"type": "http", "method": "POST", "path": "/v1/embeddings", "headers": [], "query_string": b""}
+    raw = [(k.lower().encode(), v.encode()) for k, v in headers]
+    scope = {"type": "http", "method": "POST", "path": "/v1/embeddings", "headers": raw, "query_string": b""}
     return Request(scope, receive)
 
 
@@ -258,3 +273,36 @@ def test_the_health_check_fails_when_the_slot_count_disagrees_with_the_dispatche
         g._poller.cancel()
 
     run(main())
+
+
+def test_a_dispatched_call_is_bounded_by_the_request_deadline_and_cancelled_on_expiry():
+    async def main():
+        g = gateway(model := Model(5.0, 0.0))
+        resp = await asyncio.wait_for(
+            g._admit_and_forward("embeddings", request(headers=[("X-Gpuserve-Timeout-S", "0.3")])), 2.0
+        )
+        after = await asyncio.wait_for(g._admit_and_forward("embeddings", request()), 2.0)  # the slot came back
+        g._poller.cancel()
+        return g, model, resp, after
+
+    g, model, resp, after = run(main())
+    assert resp.status_code == 504 and json.loads(resp.body)["error"]["code"] == "deadline_exceeded"
+    assert model.cancelled == 1 and after.status_code == 200
+    c = settled(g)
+    assert c["expired"] == 1 and c["served"] == 1
+
+
+def test_a_request_without_a_deadline_is_bounded_by_the_server_timeout():
+    spec = dict(SPEC, queue=dict(SPEC["queue"], server_timeout_s=0.3))
+
+    async def main():
+        g = Gateway.__new__(Gateway)
+        g._setup(spec, model := Model(5.0), lambda: (1, 0), Metrics())
+        resp = await asyncio.wait_for(g._admit_and_forward("embeddings", request()), 2.0)
+        g._poller.cancel()
+        return g, model, resp
+
+    g, model, resp = run(main())
+    assert resp.status_code == 504 and model.cancelled == 1
+    assert "server_timeout_s" in json.loads(resp.body)["error"]["message"]
+    assert settled(g)["expired"] == 1
