@@ -24,6 +24,8 @@ from typing import Any, Callable, Optional
 
 import httpx
 
+from serving.protocol import NOT_RETRIED_CODES, PRIORITY_HEADER, TIMEOUT_HEADER
+
 __all__ = [
     "PRIORITY_HEADER",
     "TIMEOUT_HEADER",
@@ -58,9 +60,11 @@ class DeadlineExceeded(TimeoutError):
         self.attempts, self.last_status = attempts, last_status
 
 
-# Admission headers the gateway reads (serving/_private/gateway.py).
-PRIORITY_HEADER = "x-gpuserve-priority"
-TIMEOUT_HEADER = "x-gpuserve-timeout-s"
+
+
+def _error_code(body: Any) -> Optional[str]:
+    err = body.get("error") if isinstance(body, dict) else None
+    return err.get("code") if isinstance(err, dict) else None
 
 
 def _retry_after(headers: Any) -> Optional[float]:
@@ -147,7 +151,11 @@ class _Base:
     def _next_wait(self, resp: httpx.Response, attempt: int, started: float) -> float:
         """The wait before the next attempt, or raise if there must be none."""
         body = _body(resp)
-        if resp.status_code not in RETRYABLE_STATUS or attempt >= self.policy.max_attempts:
+        if (
+            resp.status_code not in RETRYABLE_STATUS
+            or _error_code(body) in NOT_RETRIED_CODES
+            or attempt >= self.policy.max_attempts
+        ):
             raise RequestFailed(resp.status_code, body, attempt)
         wait = self.policy.delay_s(attempt, _retry_after(resp.headers))
         if self.clock() + wait - started > self.deadline_s:

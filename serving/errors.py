@@ -23,6 +23,7 @@ __all__ = [
     "NotFound",
     "Overloaded",
     "PayloadTooLarge",
+    "Quarantined",
     "RequestTooLargeForDevice",
     "Unauthorized",
     "error_body",
@@ -84,9 +85,20 @@ class Unauthorized(GpuserveError):
 
 
 class ModelNotReady(GpuserveError):
-    """The model is not loaded (yet, or any more)."""
+    """The model is not loaded (yet, or any more), or its replica went away: retry after ``retry_after_s``.
+
+    Every 503 the platform sends carries a Retry-After, so a client never has to guess.
+    """
 
     error_type = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, **kw: Any):
+        super().__init__(message, **kw)
+        self.retry_after_s = retry_after_s
+
+
+class Quarantined(InvalidRequest):
+    """This exact request was running when replicas died, more than once; it is refused so it cannot kill more."""
 
 
 class Overloaded(GpuserveError):
@@ -108,6 +120,7 @@ class RequestExpired(GpuserveError):
 # The single exception -> HTTP status table. Most specific class first: the
 # first isinstance match wins.
 _STATUS_TABLE: tuple[tuple[type[GpuserveError], int], ...] = (
+    (Quarantined, 422),
     (PayloadTooLarge, 413),
     (RequestTooLargeForDevice, 413),
     (MethodNotAllowed, 405),
@@ -158,7 +171,7 @@ def http_headers_for(exc: BaseException) -> dict[str, str]:
     """Extra headers an error response carries (Retry-After for overload)."""
     if isinstance(exc, Unauthorized):
         return {"WWW-Authenticate": "Bearer"}
-    if isinstance(exc, Overloaded):
+    if isinstance(exc, (Overloaded, ModelNotReady)):
         # Retry-After takes whole seconds; round up so clients never come back early. The
         # millisecond form (as OpenAI-style APIs send it) keeps the estimate's precision.
         return {

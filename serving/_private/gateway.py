@@ -12,9 +12,11 @@ answered 504 without ever reaching the model. The queue logic is pure
 
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from typing import Any, AsyncIterator, Callable, Optional
 
 from fastapi import FastAPI
@@ -39,11 +41,12 @@ from serving._private.admission import (
 from serving._private.auth import KeyCheck
 from serving._private.http import error_response, not_found_response, read_json
 from serving._private.metrics import AdmissionMetrics
-from serving.client import PRIORITY_HEADER, TIMEOUT_HEADER
+from serving.protocol import PRIORITY_HEADER, QUARANTINED_CODE, REPLICA_DIED_CODE, TIMEOUT_HEADER
 from serving.errors import (
     InvalidRequest,
     ModelNotReady,
     Overloaded,
+    Quarantined,
     RequestExpired,
     Unauthorized,
     error_body,
@@ -63,6 +66,12 @@ POLL_TIMEOUT_S = 2.0
 MAX_HAND_BACKS = 3
 # GET /health and /v1/models wait at most this long for a replica to answer.
 FORWARD_TIMEOUT_S = 3.0
+
+# A request body running when this many replicas died is refused from then on: once may be the
+# node's fault (a lost machine, an OOM kill of a neighbour); twice is most likely the input.
+KILLS_TO_QUARANTINE = 2
+# Bodies remembered (least recently seen dropped first): bounded memory whatever the inputs.
+QUARANTINE_ENTRIES = 4096
 
 _GO = "go"
 _EXPIRED = "expired"
@@ -114,6 +123,8 @@ class Gateway:
         self._startup = StartupTracker()
         self._arrivals_since_dispatch = 0
         self._metrics = metrics if metrics is not None else AdmissionMetrics(self.spec.name)
+        # Replica deaths per request body (by digest), for the quarantine.
+        self._kills: "OrderedDict[str, int]" = OrderedDict()
         # Dispatched requests not yet settled: check_health holds in_flight to this count.
         self._dispatched: set[Ticket] = set()
         self._poller: "Optional[asyncio.Task]" = None
@@ -238,6 +249,27 @@ class Gateway:
                 )
         return priority, (None if timeout_s is None else now_s + timeout_s)
 
+    @staticmethod
+    def _digest(endpoint: str, body: Any) -> str:
+        # Canonical JSON: the same request spaced or ordered differently is the same request.
+        raw = json.dumps([endpoint, body], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(raw.encode()).hexdigest()
+
+    def _killed(self, digest: str) -> int:
+        """Count one more replica death under this body; returns the count."""
+        n = self._kills.pop(digest, 0) + 1
+        self._kills[digest] = n
+        while len(self._kills) > QUARANTINE_ENTRIES:
+            self._kills.popitem(last=False)
+        return n
+
+    def _quarantined(self, kills: int) -> Quarantined:
+        return Quarantined(
+            f"this exact request was running when {kills} replicas died; it is refused so that it cannot take "
+            "down more. Change the input (or split it), or ask the operator to check the replica logs",
+            code=QUARANTINED_CODE,
+        )
+
     def _check_auth(self, request: Request) -> None:
         self._check_key(request.headers)
 
@@ -250,13 +282,15 @@ class Gateway:
             self._check_auth(request)
             priority, deadline_s = self._class_and_deadline(request, now)
             body = await read_json(request, self.spec.queue.max_request_body_bytes)
+            if self._kills and self._kills.get(d := self._digest(endpoint, body), 0) >= KILLS_TO_QUARANTINE:
+                raise self._quarantined(self._kills[d])
             self._ensure_poller()
         except asyncio.CancelledError:
             # The client left before its request was admitted: still one outcome per request.
             self._answered(FAILED, "client_disconnected")
             raise
         except Exception as e:  # noqa: BLE001 - every error leaves as an OpenAI error body
-            self._answered(REJECTED, "unauthorized" if isinstance(e, Unauthorized) else f"http_{http_status_for(e)}")
+            self._answered(REJECTED, getattr(e, "code", None) or f"http_{http_status_for(e)}")
             return error_response(e)
         self._arrivals_since_dispatch += 1
         admission = self.queue.offer(time.monotonic(), priority, deadline_s)
@@ -398,14 +432,20 @@ class Gateway:
             self.queue.requeue(ticket)
             return None
         except RayActorError:
-            # The replica died while running it. The request may be what killed it (a poison input),
-            # so it is answered, not retried on the next replica.
-            self._settle(ticket, FAILED, "replica_died")
+            # The replica died while running it. The request may be what killed it (a poison input), so
+            # the gateway does not run it again: it answers 503 with Retry-After (the client decides;
+            # serving.client does not retry this code), and refuses the body once it has killed twice.
+            self._settle(ticket, FAILED, REPLICA_DIED_CODE)
+            kills = self._killed(self._digest(endpoint, body))
+            if kills >= KILLS_TO_QUARANTINE:
+                logger.error("gpuserve: a request body was running when %d replicas died; quarantined", kills)
+                return error_response(self._quarantined(kills))
             return error_response(
                 ModelNotReady(
-                    "the replica running this request died before answering; it was not retried in case the "
+                    "the replica running this request died before answering; it was not run again in case the "
                     "request caused it. Retry if it was not",
-                    code="replica_died",
+                    code=REPLICA_DIED_CODE,
+                    retry_after_s=self.spec.queue.retry_after_s,
                 )
             )
         except asyncio.CancelledError:

@@ -31,6 +31,7 @@ from serving._private.registry import resolve_task
 from serving._private.signals import MEMORY_HEADROOM, LoadSignals
 from serving._private.warmup import WarmupReport, derive_stall_after_s, plan_shapes, run_warmup
 from serving._private.watchdog import StallWatchdog
+from serving.protocol import REPLICA_HEADER
 from serving.errors import ModelNotReady, NotFound, Unauthorized, error_body
 from serving.gpu import GpuTelemetry
 from serving.spec import ModelDeployment
@@ -39,7 +40,6 @@ from serving.spec import ModelDeployment
 logger = logging.getLogger("ray.serve")
 
 # Response header naming the replica that answered (debugging, tests, benchmarks).
-REPLICA_HEADER = "x-gpuserve-replica"
 
 api = FastAPI(title="gpuserve", description="OpenAI-compatible model serving on Ray Serve.")
 

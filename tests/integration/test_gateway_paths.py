@@ -115,7 +115,34 @@ def test_replica_dying_mid_request_is_answered_503_and_not_retried():
 
     g, model, resp = run(main())
     assert resp.status_code == 503 and json.loads(resp.body)["error"]["code"] == "replica_died"
+    assert float(resp.headers["retry-after"]) >= 1  # every platform 503 says when to come back
     assert model.calls == 1 and settled(g)["failed"] == 1
+
+
+def test_a_body_that_killed_two_replicas_is_quarantined_and_others_still_pass():
+    poison, fine = b'{"input": "poison"}', b'{"input": "fine"}'
+    # The same JSON, spaced differently, is the same request.
+    poison_spaced = b'{ "input" :  "poison" }'
+
+    async def main():
+        g = gateway(model := Model(RayActorError(), RayActorError(), 0.0))
+        first = await g._admit_and_forward("embeddings", request(poison))
+        second = await g._admit_and_forward("embeddings", request(poison_spaced))
+        third = await g._admit_and_forward("embeddings", request(poison))
+        other = await g._admit_and_forward("embeddings", request(fine))
+        g._poller.cancel()
+        return g, model, first, second, third, other
+
+    g, model, first, second, third, other = run(main())
+    assert first.status_code == 503  # once: it may have been the node, not the input
+    for resp in (second, third):
+        err = json.loads(resp.body)["error"]
+        assert resp.status_code == 422 and err["code"] == "input_quarantined"
+        assert "2 replicas" in err["message"]
+    assert model.calls == 3  # the third copy never reached a replica
+    assert other.status_code == 200
+    c = settled(g)
+    assert c["failed"] == 2 and c["rejected"] == 1 and c["served"] == 1
 
 
 def test_repeated_hand_backs_end_in_one_answer_and_leave_nothing_queued():

@@ -100,3 +100,12 @@ def test_priority_and_remaining_deadline_travel_with_every_attempt_and_ms_retry_
     r = httpx.Response(429, headers={"retry-after": "1", "retry-after-ms": "junk"}, json={})
     assert c._next_wait(r, attempt=1, started=0.0) == pytest.approx(1.0)
     c.close()
+
+
+def test_a_replica_death_or_a_quarantined_input_is_not_retried_whatever_its_status():
+    c = Client("http://unused", deadline_s=10, clock=Clock(), policy=RetryPolicy(rng=random.Random(0)))
+    died = response(503, "1", body={"error": {"message": "replica died", "code": "replica_died"}})
+    with pytest.raises(RequestFailed, match="HTTP 503 after 1 attempt"):
+        c._next_wait(died, attempt=1, started=0.0)
+    assert c._next_wait(response(503, "1", body={"error": {"code": "model_not_ready"}}), 1, 0.0) >= 1.0
+    c.close()
