@@ -278,17 +278,10 @@ class Gateway:
         self.queue.arrived()
         self._metrics.arrived()
         try:
-            # Before the body is read: an unauthenticated client costs no parsing.
+            # From the headers alone: an unauthenticated or refused client costs no body read and no parsing.
             self._check_auth(request)
             priority, deadline_s = self._class_and_deadline(request, now)
-            body = await read_json(request, self.spec.queue.max_request_body_bytes)
-            if self._kills and self._kills.get(d := self._digest(endpoint, body), 0) >= KILLS_TO_QUARANTINE:
-                raise self._quarantined(self._kills[d])
             self._ensure_poller()
-        except asyncio.CancelledError:
-            # The client left before its request was admitted: still one outcome per request.
-            self._answered(FAILED, "client_disconnected")
-            raise
         except Exception as e:  # noqa: BLE001 - every error leaves as an OpenAI error body
             self._answered(REJECTED, getattr(e, "code", None) or f"http_{http_status_for(e)}")
             return error_response(e)
@@ -300,7 +293,30 @@ class Gateway:
             return self._reject(admission.rejection)
         ticket = admission.ticket
         assert ticket is not None
+        ticket.handle = asyncio.get_running_loop().create_future()
+        # Admitted: only now is the body read, so under overload memory holds the bodies of admitted
+        # requests only (queue bound + slots, each at most max_request_body_bytes), whatever arrives.
+        try:
+            body = await read_json(request, self.spec.queue.max_request_body_bytes)
+            if self._kills and self._kills.get(d := self._digest(endpoint, body), 0) >= KILLS_TO_QUARANTINE:
+                raise self._quarantined(self._kills[d])
+        except asyncio.CancelledError:
+            self._withdraw(ticket, FAILED, "client_disconnected")
+            raise
+        except Exception as e:  # noqa: BLE001 - a bad body gives its place back and leaves as an error body
+            self._withdraw(ticket, REJECTED, getattr(e, "code", None) or f"http_{http_status_for(e)}")
+            return error_response(e)
         return await self._wait_and_forward(ticket, endpoint, body)
+
+    def _withdraw(self, ticket: Ticket, outcome: str, reason: str) -> None:
+        """Take an admitted request out, wherever it stands (queued, or dispatched and holding a slot), and
+        count its one outcome."""
+        fut = ticket.handle
+        dispatched = fut.done() and not fut.cancelled() and fut.result() == _GO  # type: ignore[union-attr]
+        if not self.queue.remove(ticket) and dispatched:
+            self._settle(ticket, outcome, reason)
+        else:
+            self._answered(outcome, reason)
 
     def _reject(self, why: Rejection) -> Response:
         self._answered(REJECTED, why.reason)
@@ -310,8 +326,9 @@ class Gateway:
         loop = asyncio.get_running_loop()
         timer = None
         try:
-            for _ in range(MAX_HAND_BACKS + 1):
-                ticket.handle = loop.create_future()
+            for attempt in range(MAX_HAND_BACKS + 1):
+                if attempt:  # the first wait uses the future made at admission (it may be resolved already)
+                    ticket.handle = loop.create_future()
                 if ticket.deadline_s is not None:
                     # Armed for every wait, a hand-back's included: a timer that fired while the request
                     # ran does nothing, and the request would otherwise wait again without a deadline.
@@ -323,12 +340,7 @@ class Gateway:
                     verdict = await ticket.handle
                 except asyncio.CancelledError:
                     # The client went away while its request waited: take it out, or give its slot back.
-                    fut = ticket.handle
-                    dispatched = fut.done() and not fut.cancelled() and fut.result() == _GO
-                    if not self.queue.remove(ticket) and dispatched:
-                        self._settle(ticket, FAILED, "client_disconnected")
-                    else:
-                        self._answered(FAILED, "client_disconnected")
+                    self._withdraw(ticket, FAILED, "client_disconnected")
                     raise
                 if isinstance(verdict, Rejection):
                     return self._reject(verdict)

@@ -333,3 +333,38 @@ def test_a_request_without_a_deadline_is_bounded_by_the_server_timeout():
     assert resp.status_code == 504 and model.cancelled == 1
     assert "server_timeout_s" in json.loads(resp.body)["error"]["message"]
     assert settled(g)["expired"] == 1
+
+
+def test_admission_comes_before_the_body_and_a_bad_body_gives_its_place_back():
+    spec = dict(SPEC, queue=dict(SPEC["queue"], max_queued_requests=1))
+    read = []
+
+    def tracked(body):
+        async def receive():
+            read.append(body)
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/embeddings", "headers": [], "query_string": b""}
+        return Request(scope, receive)
+
+    async def main():
+        g = Gateway.__new__(Gateway)
+        g._setup(spec, Model(0.5, 0.0), lambda: (1, 0), Metrics())
+        running = asyncio.create_task(g._admit_and_forward("embeddings", tracked(b'{"input": "a"}')))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(g._admit_and_forward("embeddings", tracked(b'{"input": "b"}')))
+        await asyncio.sleep(0.05)
+        refused = await g._admit_and_forward("embeddings", tracked(b'{"input": "never read"}'))
+        bad = None
+        results = await asyncio.gather(running, waiting)
+        # An admitted request whose body is not JSON is answered 400 and frees what it held.
+        bad = await g._admit_and_forward("embeddings", tracked(b"{not json"))
+        g._poller.cancel()
+        return g, refused, results, bad
+
+    g, refused, results, bad = run(main())
+    assert refused.status_code == 429 and b'{"input": "never read"}' not in read
+    assert [r.status_code for r in results] == [200, 200]
+    assert bad.status_code == 400
+    c = settled(g)
+    assert c["served"] == 2 and c["rejected"] == 2
