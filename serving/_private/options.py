@@ -65,7 +65,11 @@ def gateway_options(spec: ModelDeployment) -> dict[str, Any]:
         "name": gateway_name(spec),
         "num_replicas": 1,
         "max_ongoing_requests": GATEWAY_MAX_ONGOING_REQUESTS,
-        "max_queued_requests": -1,
+        # Ray's router queues in front of the gateway only while no gateway replica can take a request
+        # (it is being restarted): bounded, so that a failover answers fast 503s with Retry-After
+        # instead of buffering without limit in every proxy.
+        "max_queued_requests": max(1, spec.queue.max_queued_requests),
+        "backpressure_config": {"status_code": 503, "retry_after_s": spec.queue.retry_after_s},
         "ray_actor_options": {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}},
         # The proxy already writes an access-log line per request; a second one here costs the
         # rejection path time and says nothing new.

@@ -193,7 +193,11 @@ def test_options_are_accepted_by_ray_serve():
     assert cfg.autoscaling_config.max_replicas == 4
     g = gateway_options(spec)
     cfg = DeploymentConfig.from_default(**{k: v for k, v in g.items() if k not in ("name", "ray_actor_options")})
-    assert cfg.num_replicas == 1 and cfg.max_queued_requests == -1
+    # Ray's queue in front of the gateway (used only while it restarts) is bounded: a failover answers
+    # 503 with Retry-After instead of buffering without limit.
+    assert cfg.num_replicas == 1 and cfg.max_queued_requests == spec.queue.max_queued_requests
+    assert cfg.backpressure_config.status_code == 503
+    assert cfg.backpressure_config.retry_after_s == spec.queue.retry_after_s
 
 
 def test_importing_the_api_loads_neither_ray_nor_torch():
