@@ -277,6 +277,13 @@ class QueueSpec(_Spec):
         "classes, deadlines, computed Retry-After and request counters. False leaves only Ray Serve's "
         "per-caller queues (one less hop, none of those).",
     )
+    gateway_replicas: int = Field(
+        default=2,
+        ge=1,
+        le=32,
+        description="Gateway replicas (with the gateway): each owns an equal share of the queue bound and of the "
+        "replicas' slots, so one gateway's death loses only the requests it held while the others keep serving.",
+    )
     priorities: list[str] = Field(
         default_factory=lambda: ["interactive", "batch"],
         min_length=1,

@@ -60,6 +60,20 @@ class Admission:
     shed: list[tuple[Ticket, Rejection]] = field(default_factory=list)
 
 
+def share_of(total: int, members: int, rank: Optional[int]) -> int:
+    """One member's part of ``total`` split among ``members`` gateways.
+
+    The parts of ranks ``0 .. members-1`` add up to ``total`` exactly (the first ``total % members``
+    ranks take one more). A rank that is unknown or outside the membership (it is changing) takes
+    the larger part, so a gateway never starves while the controller catches up.
+    """
+    members = max(1, members)
+    base, extra = divmod(max(0, total), members)
+    if rank is None or not 0 <= rank < members:
+        return base + (1 if extra else 0)
+    return base + (1 if rank < extra else 0)
+
+
 class DrainModel:
     """How fast the replicas drain the queue, and how long a given position waits.
 
@@ -76,6 +90,9 @@ class DrainModel:
         self.running = 0
         self.starting = 0
         self.startup_remaining_s = 0.0
+        # This gateway's place among the deployment's gateways: it owns its share of the slots.
+        self.members = 1
+        self.rank: Optional[int] = None
 
     def completed(self, service_s: float) -> None:
         self._service.append(max(0.0, service_s))
@@ -87,38 +104,47 @@ class DrainModel:
     def mean_service_s(self) -> Optional[float]:
         return sum(self._service) / len(self._service) if self._service else None
 
+    def _slots(self, replicas: int) -> int:
+        """This gateway's share of the slots of ``replicas`` replicas."""
+        return share_of(replicas * self.slots_per_replica, self.members, self.rank)
+
     @property
     def capacity(self) -> int:
-        """Requests the running replicas take at once.
+        """Requests this gateway lets run on the replicas at once: its share of their slots.
 
-        With no replica running, one request still goes through to Ray Serve's router and waits
-        there: that is what Ray's autoscaler sees to scale a deployment up from zero.
+        At least one: with no replica running, one request still goes through to Ray Serve's router
+        and waits there (what Ray's autoscaler sees to scale up from zero); with fewer slots than
+        gateways, each still dispatches one (the deployment is then over-committed by at most
+        ``members - 1`` requests, which wait in Ray's router, never lost).
         """
-        return max(1, self.running * self.slots_per_replica)
+        return max(1, self._slots(self.running))
 
-    def per_replica_rate_per_s(self) -> Optional[float]:
+    def drain_rate_per_s(self) -> Optional[float]:
+        """Completions per second through this gateway's slots (None before any completion)."""
         mean = self.mean_service_s
-        if mean is None:
+        if mean is None or self.running == 0:
             return None
-        return self.slots_per_replica / max(mean, 1e-3)
+        return self.capacity / max(mean, 1e-3)
 
     def wait_s(self, position: int) -> Optional[float]:
         """Seconds until ``position`` more requests have completed (None: no estimate possible).
 
-        Replicas still starting add their rate once their start-up is over.
+        Replicas still starting add their slots once their start-up is over.
         """
         if position <= 0:
             return 0.0
-        rate = self.per_replica_rate_per_s()
-        if rate is None:
+        mean = self.mean_service_s
+        if mean is None:
             return None
-        now_rate = self.running * rate
+        per_slot = 1.0 / max(mean, 1e-3)
+        now_rate = self._slots(self.running) * per_slot
         if self.starting == 0:
             return position / now_rate if now_rate > 0 else None
+        later_rate = self._slots(self.running + self.starting) * per_slot
         done_by_startup = now_rate * self.startup_remaining_s
         if done_by_startup >= position:
             return position / now_rate
-        return self.startup_remaining_s + (position - done_by_startup) / ((self.running + self.starting) * rate)
+        return self.startup_remaining_s + (position - done_by_startup) / later_rate
 
 
 class AdmissionQueue:
@@ -131,6 +157,7 @@ class AdmissionQueue:
     """
 
     def __init__(self, max_queued: int, classes: tuple[str, ...], drain: DrainModel):
+        self.max_queued_total = max_queued
         self.max_queued = max_queued
         self.classes = classes
         self.drain = drain
@@ -138,6 +165,15 @@ class AdmissionQueue:
         self.in_flight = 0
         self.received = 0
         self.outcomes: dict[tuple[str, str], int] = {}
+
+    def members(self, members: int, rank: Optional[int]) -> None:
+        """Take this gateway's share of the deployment's queue bound and slots among ``members`` gateways.
+
+        The shares add up to the deployment's bound exactly while ranks are ``0 .. members-1``. A
+        smaller share than the requests already waiting sheds nobody: they drain, and new ones wait.
+        """
+        self.drain.members, self.drain.rank = max(1, members), rank
+        self.max_queued = share_of(self.max_queued_total, members, rank)
 
     # -- bookkeeping ---------------------------------------------------------
 

@@ -84,12 +84,22 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
     return not_found_response(request, exc)
 
 
-def _replica_states(app: str, deployment: str) -> tuple[int, int]:
-    """(running, starting) replicas of ``deployment`` from the Serve controller (blocking)."""
-    st = serve.status()
-    dep = st.applications[app].deployments[deployment]
-    states = {str(getattr(k, "value", k)): v for k, v in dep.replica_states.items()}
-    return states.get("RUNNING", 0), states.get("STARTING", 0)
+def _states(dep: Any) -> dict[str, int]:
+    return {str(getattr(k, "value", k)): v for k, v in dep.replica_states.items()}
+
+
+def _replica_states(app: str, deployment: str, gateway: str) -> tuple[int, int, int]:
+    """(running, starting) replicas of ``deployment`` and running replicas of ``gateway``, from the Serve
+    controller (blocking)."""
+    deps = serve.status().applications[app].deployments
+    model = _states(deps[deployment])
+    return model.get("RUNNING", 0), model.get("STARTING", 0), _states(deps[gateway]).get("RUNNING", 0)
+
+
+def _rank(ctx: Any) -> Optional[int]:
+    rank = getattr(ctx, "rank", None)
+    rank = getattr(rank, "rank", rank)  # a ReplicaRank (Ray 2.5x+) or a plain int
+    return rank if isinstance(rank, int) else None
 
 
 class Gateway:
@@ -101,18 +111,21 @@ class Gateway:
     """
 
     def __init__(self, spec: dict[str, Any], model: Any):
-        app = serve.get_replica_context().app_name
-        self._setup(spec, model, lambda: _replica_states(app, self.spec.name))
+        ctx = serve.get_replica_context()
+        app, me = ctx.app_name, ctx.deployment
+        self._setup(spec, model, lambda: _replica_states(app, self.spec.name, me), rank=_rank(ctx))
 
     def _setup(
         self,
         spec: dict[str, Any],
         model: Any,
-        replica_states: Callable[[], tuple[int, int]],
+        replica_states: Callable[[], tuple[int, int, int]],
         metrics: Optional[Any] = None,
+        rank: Optional[int] = None,
     ) -> None:
         # Split from __init__ so the glue runs in tests with a stand-in handle, replica counts and metrics.
         self._replica_states = replica_states
+        self._rank = rank
         self.spec = ModelDeployment.model_validate(spec)
         q = self.spec.queue
         self._model = model
@@ -128,8 +141,10 @@ class Gateway:
         # Dispatched requests not yet settled: check_health holds in_flight to this count.
         self._dispatched: set[Ticket] = set()
         self._poller: "Optional[asyncio.Task]" = None
-        # Until the controller first answers, assume one running replica: the least a deployment that
-        # receives traffic has, so admission never waits for the controller and never over-commits.
+        # Until the controller first answers, assume one running replica and every configured gateway:
+        # the least a deployment that receives traffic has, so admission never waits for the
+        # controller and never over-commits.
+        self.queue.members(self.spec.queue.gateway_replicas, rank)
         self.drain.replicas(1, 0, 0.0)
 
     # -- replica counts ---------------------------------------------------------
@@ -157,8 +172,11 @@ class Gateway:
                     logger.warning("gpuserve: the Serve controller did not answer within %.1f s; keeping the "
                                    "last replica counts", POLL_TIMEOUT_S)
                 else:
-                    running, starting = pending.result()
+                    running, starting, gateways = pending.result()
                     pending = None
+                    # Shares follow membership: a gateway that died gives its share to the others once
+                    # the controller stops counting it (a gateway always counts itself).
+                    self.queue.members(max(1, gateways), self._rank)
                     remaining = self._startup.observe(time.monotonic(), running, starting)
                     self.drain.replicas(running, starting, remaining)
                     self._pump()
@@ -294,6 +312,9 @@ class Gateway:
         ticket = admission.ticket
         assert ticket is not None
         ticket.handle = asyncio.get_running_loop().create_future()
+        # Dispatch at once if a slot is free: the queue holds only requests that wait, which is what
+        # the bound counts, while this one's body is read.
+        self._pump()
         # Admitted: only now is the body read, so under overload memory holds the bodies of admitted
         # requests only (queue bound + slots, each at most max_request_body_bytes), whatever arrives.
         try:
@@ -567,7 +588,8 @@ class Gateway:
                 "capacity": d.capacity,
                 "replicas": {"running": d.running, "starting": d.starting, "startup_remaining_s": d.startup_remaining_s},
                 "mean_service_s": d.mean_service_s,
-                "drain_rate_per_s": None if d.per_replica_rate_per_s() is None else d.running * d.per_replica_rate_per_s(),
+                "drain_rate_per_s": d.drain_rate_per_s(),
+                "gateway": {"rank": d.rank, "members": d.members},
                 "counts": self.queue.counts(),
                 "outcomes": [
                     {"outcome": o, "reason": r, "count": n} for (o, r), n in sorted(self.queue.outcomes.items())

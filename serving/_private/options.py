@@ -50,27 +50,50 @@ def _policy_kwargs(spec: ModelDeployment, pool: Optional["NodePool"]) -> dict[st
 GATEWAY_MAX_ONGOING_REQUESTS = 100_000
 
 
+# Requests Ray's router may hold in front of the gateways at least: a burst that arrives at once is
+# all "queued" there for the milliseconds it takes to pick a gateway (measured: 12 simultaneous
+# requests against a bound of 4 gave a 503).
+GATEWAY_ROUTER_QUEUE_FLOOR = 256
+
+
+def gateway_router_queue(spec: ModelDeployment) -> int:
+    """Bound of Ray's router queue in front of the gateways: what they could hold at most, or the floor."""
+    if spec.autoscaling is not None:
+        replicas = spec.autoscaling.max_replicas
+    else:
+        replicas = 1 if spec.replicas is None else spec.replicas
+    admissible = spec.queue.max_queued_requests + replicas * spec.queue.max_ongoing_requests
+    return max(GATEWAY_ROUTER_QUEUE_FLOOR, admissible)
+
+
 def gateway_name(spec: ModelDeployment) -> str:
     """The gateway deployment's name in the application."""
     return f"{spec.name}-gateway"
 
 
-def gateway_options(spec: ModelDeployment) -> dict[str, Any]:
-    """Options of the admission gateway: one replica (one queue), on the head node, no CPU reserved.
+def gateway_options(spec: ModelDeployment, cpu_pool: Optional["NodePool"] = None) -> dict[str, Any]:
+    """Options of the admission gateways: ``queue.gateway_replicas`` replicas, no CPU reserved.
 
-    It only waits on I/O; the head is where the proxies and the controller already run, and
-    keeping it there keeps CPU work off the GPU pools.
+    They only wait on I/O. With a CPU pool they run on its nodes, off the head (whose loss then
+    takes neither) and off the GPU pools; without one (local development, or a spec with GPU pools
+    only) they stay on the head, where the proxies and the controller already run, rather than take
+    a place on a GPU node.
     """
+    if cpu_pool is not None:
+        actor: dict[str, Any] = {"num_cpus": 0, "label_selector": cpu_pool.ray_selector}
+    else:
+        actor = {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}
     return {
         "name": gateway_name(spec),
-        "num_replicas": 1,
+        "num_replicas": spec.queue.gateway_replicas,
         "max_ongoing_requests": GATEWAY_MAX_ONGOING_REQUESTS,
-        # Ray's router queues in front of the gateway only while no gateway replica can take a request
-        # (it is being restarted): bounded, so that a failover answers fast 503s with Retry-After
-        # instead of buffering without limit in every proxy.
-        "max_queued_requests": max(1, spec.queue.max_queued_requests),
+        # Ray's router holds requests in front of the gateways while it picks one (a burst's worth, for
+        # milliseconds) and while none can take them (one is being restarted). Bounded, so a failover
+        # answers fast 503s with Retry-After instead of buffering without limit in every proxy; never
+        # below what the gateways could admit, or a burst they would admit gets 503s.
+        "max_queued_requests": gateway_router_queue(spec),
         "backpressure_config": {"status_code": 503, "retry_after_s": spec.queue.retry_after_s},
-        "ray_actor_options": {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}},
+        "ray_actor_options": actor,
         # The proxy already writes an access-log line per request; a second one here costs the
         # rejection path time and says nothing new.
         "logging_config": {"enable_access_log": False},

@@ -16,6 +16,9 @@ TASK = "tests.integration.stall_task:RecordingSlowTask"
 
 
 def spec(name, replicas=1, **queue):
+    # One gateway unless a test asks for more: these tests pin the exact semantics of one queue (how
+    # two gateways split it is tested on its own below and in test_gateway_paths).
+    queue.setdefault("gateway_replicas", 1)
     return ModelDeployment(
         name=name,
         task=TASK,
@@ -159,8 +162,12 @@ def test_deployment_default_deadline_applies_without_a_header(deploy):
             status, _, body, took = post(client.base_url, ["x"])
             # Admitted with no estimate yet (nothing completed), expired at its 0.5 s default deadline...
             assert status == 504 and took < 1.8, body
-            # ...but the running request had no deadline to miss once it started.
-            assert futs[0].result()[0] == 200
+            # (expired while queued, or dispatched when the first was cut at its own deadline and then cut)
+            assert body["error"]["code"] in ("deadline_expired", "deadline_exceeded"), body
+            # ...and the deadline is end to end: the running request is cut at it too, cancelled on the
+            # replica instead of holding its slot for 2 s (it used to run on to 200).
+            status, _, body, took = futs[0].result()
+            assert status == 504 and body["error"]["code"] == "deadline_exceeded" and took < 1.8, body
     finally:
         from ray import serve
 
@@ -253,3 +260,27 @@ def test_scale_down_drains_and_loses_nothing(deploy, serve_instance):
         assert s["counts"]["failed"] == 0
     finally:
         serve.delete("drain")
+
+
+def test_two_gateways_on_real_serve_split_the_bound_by_rank(deploy):
+    from ray import serve
+
+    client = deploy(spec("adm-two", max_queued_requests=5, gateway_replicas=2).build(), "adm-two", "/adm-two")
+    try:
+        _both_gateways_answer(client)
+    finally:
+        serve.delete("adm-two")
+
+
+def _both_gateways_answer(client):
+    seen = {}
+    deadline = time.monotonic() + 60
+    # Ray's proxy spreads requests over the gateways; poll until both have answered with their share.
+    while len(seen) < 2 and time.monotonic() < deadline:
+        a = client.get("/admission").json()
+        if a["gateway"]["members"] == 2:
+            seen[a["gateway"]["rank"]] = a["max_queued_requests"]
+        time.sleep(0.2)
+    assert sorted(seen) == [0, 1], seen
+    assert sum(seen.values()) == 5  # the shares add up to the deployment's bound exactly
+    assert client.post("/v1/embeddings", json={"input": "x"}).status_code == 200

@@ -19,7 +19,8 @@ def slow(deploy, serve_instance):
         task="tests.integration.stall_task:SlowEmbeddingsTask",
         model=ModelSource(path=MINILM),
         replicas=1,
-        queue=QueueSpec(max_ongoing_requests=1, max_queued_requests=1, retry_after_s=1),
+        # One gateway: the tests count on one exact queue of one place.
+        queue=QueueSpec(max_ongoing_requests=1, max_queued_requests=1, retry_after_s=1, gateway_replicas=1),
         batching=BatchingSpec(enabled=False, max_batch_size=1),
         warmup=WarmupSpec(cover_max_input=False, min_rounds=1, max_rounds=1),
     )

@@ -73,7 +73,7 @@ class Model:
 
 def gateway(model):
     g = Gateway.__new__(Gateway)
-    g._setup(SPEC, model, lambda: (1, 0), Metrics())
+    g._setup(SPEC, model, lambda: (1, 0, 1), Metrics())
     return g
 
 
@@ -240,7 +240,7 @@ def test_a_hung_controller_poll_gates_nothing_and_is_timed_out(monkeypatch):
     def hung_states():
         calls.append(1)
         hang.wait(10)
-        return 1, 0
+        return 1, 0, 1
 
     async def main():
         g = Gateway.__new__(Gateway)
@@ -273,7 +273,7 @@ def test_the_poller_survives_its_own_errors_and_the_health_check_restarts_it():
 
     async def main():
         g = Gateway.__new__(Gateway)
-        g._setup(SPEC, Model(0.0), lambda: (1, 0), FlakyMetrics())
+        g._setup(SPEC, Model(0.0), lambda: (1, 0, 1), FlakyMetrics())
         assert (await g._admit_and_forward("embeddings", request())).status_code == 200
         await asyncio.sleep(1.5)  # three poll periods, two of them failing
         survived = not g._poller.done()
@@ -324,7 +324,7 @@ def test_a_request_without_a_deadline_is_bounded_by_the_server_timeout():
 
     async def main():
         g = Gateway.__new__(Gateway)
-        g._setup(spec, model := Model(5.0), lambda: (1, 0), Metrics())
+        g._setup(spec, model := Model(5.0), lambda: (1, 0, 1), Metrics())
         resp = await asyncio.wait_for(g._admit_and_forward("embeddings", request()), 2.0)
         g._poller.cancel()
         return g, model, resp
@@ -349,7 +349,7 @@ def test_admission_comes_before_the_body_and_a_bad_body_gives_its_place_back():
 
     async def main():
         g = Gateway.__new__(Gateway)
-        g._setup(spec, Model(0.5, 0.0), lambda: (1, 0), Metrics())
+        g._setup(spec, Model(0.5, 0.0), lambda: (1, 0, 1), Metrics())
         running = asyncio.create_task(g._admit_and_forward("embeddings", tracked(b'{"input": "a"}')))
         await asyncio.sleep(0.05)
         waiting = asyncio.create_task(g._admit_and_forward("embeddings", tracked(b'{"input": "b"}')))
@@ -368,3 +368,71 @@ def test_admission_comes_before_the_body_and_a_bad_body_gives_its_place_back():
     assert bad.status_code == 400
     c = settled(g)
     assert c["served"] == 2 and c["rejected"] == 2
+
+
+def test_two_gateways_enforce_one_deployment_wide_bound_and_slot_count():
+    # One replica with 2 slots, a bound of 2 waiting, two gateways (ranks 0 and 1) fed alternately.
+    spec = dict(SPEC, queue=dict(SPEC["queue"], max_ongoing_requests=2, max_queued_requests=2, gateway_replicas=2))
+
+    class Counting(Model):
+        running = peak = 0
+
+        async def _call(self):
+            self.calls += 1
+            Counting.running += 1
+            Counting.peak = max(Counting.peak, Counting.running)
+            try:
+                await asyncio.sleep(0.3)
+            finally:
+                Counting.running -= 1
+            return 200, {"content-type": "application/json"}, b'{"object": "list"}'
+
+    async def main():
+        model = Counting()
+        gateways = []
+        for rank in (0, 1):
+            g = Gateway.__new__(Gateway)
+            g._setup(spec, model, lambda: (1, 0, 2), Metrics(), rank=rank)
+            gateways.append(g)
+        await asyncio.sleep(0.1)  # both have polled
+        tasks = [asyncio.create_task(gateways[i % 2]._admit_and_forward("embeddings", request())) for i in range(8)]
+        resps = await asyncio.gather(*tasks)
+        for g in gateways:
+            g._poller.cancel()
+        return gateways, model, resps
+
+    gateways, model, resps = run(main())
+    codes = sorted(r.status_code for r in resps)
+    assert codes == [200] * 4 + [429] * 4  # 2 running + 2 waiting, deployment-wide; the rest refused at once
+    assert Counting.peak == 2 and model.calls == 4
+    assert [(g.drain.capacity, g.queue.max_queued) for g in gateways] == [(1, 1), (1, 1)]
+    for g in gateways:
+        settled(g)
+
+
+def test_the_queue_holds_only_waiting_requests_while_bodies_are_read():
+    # Bodies arrive slowly (each read yields to the loop). An admitted request that a free slot takes
+    # is dispatched at admission, so the queue never counts it: reproduced first as "5 of 4 waiting".
+    spec = dict(SPEC, queue=dict(SPEC["queue"], max_queued_requests=4, gateway_replicas=1))
+
+    def slow_body():
+        async def receive():
+            await asyncio.sleep(0.01)
+            return {"type": "http.request", "body": b'{"input": "x"}', "more_body": False}
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/embeddings", "headers": [], "query_string": b""}
+        return Request(scope, receive)
+
+    async def main():
+        g = Gateway.__new__(Gateway)
+        g._setup(spec, Model(*[0.2] * 5), lambda: (1, 0, 1), Metrics())
+        resps = await asyncio.gather(*[g._admit_and_forward("embeddings", slow_body()) for _ in range(12)])
+        g._poller.cancel()
+        return g, resps
+
+    g, resps = run(main())
+    assert sorted(r.status_code for r in resps) == [200] * 5 + [429] * 7
+    for r in resps:
+        if r.status_code == 429:
+            assert "(4 of 4 requests waiting" in json.loads(r.body)["error"]["message"]
+    settled(g)

@@ -202,3 +202,46 @@ def test_the_bound_counts_waiting_requests_not_running_ones():
     assert all(offer(q, 0.0, INTERACTIVE).ticket is not None for _ in range(3))  # 2 run, 1 waits
     assert q.in_flight == 2 and len(q) == 1
     assert offer(q, 0.0, INTERACTIVE).rejection.reason == "queue_full"
+
+
+def test_shares_add_up_to_the_whole_and_an_unknown_rank_takes_the_larger_part():
+    from serving._private.admission import share_of
+
+    for total in range(0, 40):
+        for members in range(1, 7):
+            parts = [share_of(total, members, r) for r in range(members)]
+            assert sum(parts) == total and max(parts) - min(parts) <= 1
+            assert share_of(total, members, None) == max(parts) == share_of(total, members, members + 3)
+
+
+def test_two_gateways_split_the_bound_and_the_slots_and_a_survivor_takes_them_all():
+    queues = []
+    for rank in (0, 1):
+        drain = DrainModel(3, 1.0)  # 3 slots per replica
+        drain.replicas(1, 0, 0.0)
+        drain.completed(0.5)
+        q = AdmissionQueue(5, ("interactive", "batch"), drain)
+        q.members(2, rank)
+        queues.append(q)
+    assert [q.drain.capacity for q in queues] == [2, 1] and [q.max_queued for q in queues] == [3, 2]
+    for q in queues:
+        while offer(q, 0.0, INTERACTIVE).ticket is not None:
+            pass
+    # Deployment-wide: never more running than the replica's 3 slots, never more waiting than 5.
+    assert sum(q.in_flight for q in queues) == 3 and sum(len(q) for q in queues) == 5
+    # Each Retry-After counts only its own share of the drain: the same position waits longer on the
+    # gateway with fewer slots.
+    assert queues[1].drain.wait_s(2) == pytest.approx(2 * queues[0].drain.wait_s(2))
+    survivor = queues[1]
+    survivor.members(1, 1)  # the other gateway died; its rank is out of range now
+    assert survivor.drain.capacity == 3 and survivor.max_queued == 5
+    fill_slots(survivor)
+    assert survivor.in_flight == 3
+
+
+def test_fewer_slots_than_gateways_still_lets_each_dispatch_one():
+    drain = DrainModel(1, 1.0)
+    drain.replicas(1, 0, 0.0)
+    q = AdmissionQueue(0, ("interactive",), drain)
+    q.members(3, 2)
+    assert q.drain.capacity == 1 and q.max_queued == 0

@@ -8,6 +8,7 @@ from pydantic import ValidationError
 
 from serving import AutoscalingSpec, BatchingSpec, ModelDeployment, ModelSource, QueueSpec, Resources, WarmupSpec
 from serving._private.options import deployment_options, gateway_options
+from serving.pools import NodePool
 
 SRC = ModelSource(path="/models/x")
 
@@ -149,7 +150,12 @@ def test_options_fixed_replicas_gpu_and_backpressure():
     # The gateway holds the deployment-wide queue; its only caller never over-sends to the model.
     assert o["max_queued_requests"] == -1 and o["graceful_shutdown_timeout_s"] == 60.0
     g = gateway_options(spec)
-    assert g["num_replicas"] == 1 and g["ray_actor_options"]["num_cpus"] == 0
+    assert g["num_replicas"] == 2 and g["ray_actor_options"]["num_cpus"] == 0  # queue.gateway_replicas
+    # Without a CPU pool the gateways stay on the head; with one they run there, never on the head.
+    assert "node:__internal_head__" in g["ray_actor_options"]["resources"]
+    cpu = NodePool(name="cpu", cpus_per_node=4, memory_bytes_per_node=8 << 30, max_nodes=2)
+    on_pool = gateway_options(spec, cpu)["ray_actor_options"]
+    assert on_pool["label_selector"] == cpu.ray_selector and "resources" not in on_pool
     assert g["max_ongoing_requests"] > 20 and g["name"] == "m-gateway"
     # Without the gateway, Ray Serve's per-caller queue bound applies.
     o = deployment_options(spec.model_copy(update={"queue": QueueSpec(max_queued_requests=20, retry_after_s=2, gateway=False)}))
@@ -195,7 +201,7 @@ def test_options_are_accepted_by_ray_serve():
     cfg = DeploymentConfig.from_default(**{k: v for k, v in g.items() if k not in ("name", "ray_actor_options")})
     # Ray's queue in front of the gateway (used only while it restarts) is bounded: a failover answers
     # 503 with Retry-After instead of buffering without limit.
-    assert cfg.num_replicas == 1 and cfg.max_queued_requests == spec.queue.max_queued_requests
+    assert cfg.num_replicas == 2 and cfg.max_queued_requests >= spec.queue.max_queued_requests + 4 * 8
     assert cfg.backpressure_config.status_code == 503
     assert cfg.backpressure_config.retry_after_s == spec.queue.retry_after_s
 
