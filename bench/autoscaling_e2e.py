@@ -137,40 +137,82 @@ async def replay(base: str, arrivals: np.ndarray, t0: float) -> list[tuple[float
     return out
 
 
-class ReplicaStarts:
-    """Samples Serve's replica states; each STARTING→RUNNING transition is one replica start.
+class PoolWatch:
+    """Samples Serve's replica states and the GPU demand Ray's autoscaler sees, every 0.5 s.
 
-    The shortest one is a replica on a node that was already there: what the simulator's
-    ``replica_start_s`` models (worker start, imports, load, warm-up), which the replica's own
-    ``time_to_ready_s`` (from its constructor) leaves out.
+    Two parts of the pool model come from it:
+
+    - **Replica start**: each STARTING→RUNNING transition, timed from when the replica could start,
+      i.e. from the later of its STARTING and the last node join before it ran. A replica that waited
+      for its node is counted from the join, not from the request: the node's wait is the
+      provisioning delay, which the simulator adds on its own (counting it twice made the simulated
+      Ray default queue for a whole extra provisioning).
+    - **Reaction**: GPU demand (pending replicas plus ``request_resources``) rising above the GPU
+      nodes alive, until Ray's autoscaler launches a node for it. The simulator provisions from the
+      moment of the demand, so its delay is the reaction plus launch-to-join.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, address: str) -> None:
         import threading
 
+        self.address = address
         self.stop = threading.Event()
-        self.durations: list[float] = []
+        self.transitions: list[tuple[float, float]] = []  # (starting_at, running_at)
+        self.demand_up: list[float] = []  # when GPU demand first exceeded the GPU nodes, per rise
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         from ray import serve
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        def gpus(demands) -> float:
+            return sum(r.count * r.bundle.get("GPU", 0) for d in demands for r in d.bundles_by_count)
 
         pending: list[float] = []
         last_starting = last_running = 0
+        last_short = False
         while not self.stop.is_set():
+            now = time.time()
             try:
                 st = serve.status().applications["e2e"].deployments["e2e"].replica_states
                 starting, running = st.get("STARTING", 0), st.get("RUNNING", 0)
+                pending += [now] * max(0, starting + running - last_starting - last_running)
+                for _ in range(max(0, running - last_running)):
+                    if pending:
+                        self.transitions.append((pending.pop(0), now))
+                last_starting, last_running = starting, running
             except Exception:  # noqa: BLE001 - not deployed yet
-                time.sleep(0.5)
-                continue
-            now = time.time()
-            pending += [now] * max(0, starting + running - last_starting - last_running)
-            for _ in range(max(0, running - last_running)):
-                if pending:
-                    self.durations.append(now - pending.pop(0))
-            last_starting, last_running = starting, running
+                pass
+            try:
+                cs = get_cluster_status(self.address)
+                # request_resources is a total (nodes already there included); pending replicas are
+                # what no node can take now.
+                alive = sum(n.total_resources().get("GPU", 0) for n in cs.active_nodes + cs.idle_nodes)
+                short = gpus(cs.resource_demands.cluster_constraint_demand) > alive or gpus(
+                    cs.resource_demands.ray_task_actor_demand
+                ) > 0
+                if short and not last_short:
+                    self.demand_up.append(now)
+                last_short = short
+            except Exception:  # noqa: BLE001 - a missed sample is fine, the next one comes
+                pass
             time.sleep(0.5)
+
+    def replica_starts_s(self, joins: list[float]) -> list[float]:
+        out = []
+        for started, ran in self.transitions:
+            joined = [j for j in joins if started <= j <= ran]
+            out.append(ran - max([started, *joined]))
+        return out
+
+    def reactions_s(self, launches: list[float]) -> list[float]:
+        """For each launch, the time since the GPU demand rise it answered (the last one before it)."""
+        out = []
+        for at in launches:
+            rises = [u for u in self.demand_up if u <= at]
+            if rises:
+                out.append(at - rises[-1])
+        return out
 
 
 def health(base: str, tries: int = 20) -> list[float]:
@@ -202,8 +244,8 @@ def run_real(policy: str, arrivals: np.ndarray, provisioning_s: float, score_fro
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-        starts = ReplicaStarts()
-        starts.thread.start()
+        watch = PoolWatch(cluster.address)
+        watch.thread.start()
         for prefix, app in spec(policy, provisioning_s).build().items():
             serve._run(app, name=prefix.strip("/"), route_prefix=prefix, _blocking=False)
         deadline = time.monotonic() + 300
@@ -220,11 +262,14 @@ def run_real(policy: str, arrivals: np.ndarray, provisioning_s: float, score_fro
         end = time.time()
         events = cluster.events()
         node_seconds = cluster.gpu_node_seconds(until_s=end, since_s=t0 + score_from_s)
-        starts.stop.set()
+        watch.stop.set()
         serve.shutdown()
     launched = [e for e in events if e["kind"] == "launch"]
     joined = {e["node_id"]: e["t"] for e in events if e["kind"] == "joined"}
     provision = [joined[e["node_id"]] - e["t"] for e in launched if e["node_id"] in joined]
+    # The standing node (min_nodes) was launched at start-up, for no demand: no reaction to count.
+    reactions = watch.reactions_s([e["t"] for e in launched[1:]])
+    replica_starts = watch.replica_starts_s(sorted(joined.values()))
     service = float(np.percentile([lat for _, s, lat in results if s == 200], 10)) if results else HOLD_S
     scored = [(a, s, lat) for a, s, lat in results if a >= score_from_s]
     ok = sum(1 for _, s, lat in scored if s == 200 and lat - service <= slo_s)
@@ -237,8 +282,10 @@ def run_real(policy: str, arrivals: np.ndarray, provisioning_s: float, score_fro
         "measured_pool": {
             "provisioning_s": [round(min(provision), 2), round(max(provision), 2)] if provision else None,
             "replica_time_to_ready_s": [round(x, 2) for x in startups],
-            # Asked (STARTING) to RUNNING, per replica; the first includes the standing node's join.
-            "replica_start_s": [round(x, 2) for x in starts.durations],
+            # From when each replica could start (STARTING, or its node's join) to RUNNING.
+            "replica_start_s": [round(x, 2) for x in replica_starts],
+            # From a rise of GPU demand above the GPU nodes to the launch that answered it.
+            "reaction_s": [round(x, 2) for x in reactions],
             "service_s_p10": round(service, 3),
         },
         "_run_s": end - t0,
@@ -253,14 +300,16 @@ def run_sim(policy: str, arrivals: np.ndarray, provisioning_s: float, measured: 
     from serving._private.options import deployment_options
 
     prov = measured.get("provisioning_s") or [provisioning_s, provisioning_s]
-    # A replica on a ready node: the shortest asked-to-running start (the constructor's own
-    # time_to_ready_s leaves out the worker's start and imports: 6 s against 15-20 s here).
-    starts = [min(measured["replica_start_s"])] if measured.get("replica_start_s") else (measured.get("replica_time_to_ready_s") or [10.0])
+    # The simulator provisions from the demand: the autoscaler's reaction comes first.
+    reaction = float(np.median(measured["reaction_s"])) if measured.get("reaction_s") else 0.0
+    # A replica on a ready node, net of any node wait (the constructor's own time_to_ready_s leaves
+    # out the worker's start and imports).
+    starts = measured.get("replica_start_s") or measured.get("replica_time_to_ready_s") or [10.0]
     cfg = SimConfig(
         slo_s=slo_s,
         deadline_s=90.0,
         max_queued_requests=200,
-        provision_delay_s=(float(prov[0]), float(prov[1])),
+        provision_delay_s=(float(prov[0]) + reaction, float(prov[1]) + reaction),
         replica_start_s=float(np.median(starts)),
         idle_timeout_s=IDLE_TIMEOUT_S,
         slots_per_replica=SLOTS,
@@ -303,6 +352,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.provisioning_s < 30:
         ap.error(f"--provisioning-s ({args.provisioning_s}) must be >= 30: the issue's floor for a GPU node")
+    # Stdout carries the JSON only: Ray forwards its processes' log lines to the driver's stdout, so
+    # everything else writes to stderr while the JSON keeps a copy of the original stdout.
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     # Ctrl-C and SIGTERM unwind through the clusters' cleanup.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     duration = 180.0 if args.quick else 360.0
@@ -329,7 +382,7 @@ def main() -> None:
         }
         print(f"{policy}: done at {time.time() - t_start:.0f} s", file=sys.stderr)
     doc["wall_s"] = round(time.time() - t_start, 1)
-    print(json.dumps(doc, indent=2))
+    print(json.dumps(doc, indent=2), file=out, flush=True)
 
 
 if __name__ == "__main__":

@@ -106,12 +106,6 @@ def _deployments_on(spec: ServingSpec, pool: NodePool) -> list[ModelDeployment]:
     return [d for d in spec.deployments if d.resources.node_pool == pool.name]
 
 
-def _gateways_on(spec: ServingSpec, pool: NodePool) -> list[ModelDeployment]:
-    """Deployments whose admission gateways run on ``pool``."""
-    gp = spec.gateway_pool()
-    return [d for d in spec.deployments if d.queue.gateway] if gp is not None and gp.name == pool.name else []
-
-
 def _replica_bounds(d: ModelDeployment) -> tuple[int, int]:
     if d.autoscaling is not None:
         return d.autoscaling.min_replicas, d.autoscaling.max_replicas
@@ -130,11 +124,6 @@ def worker_bounds(spec: ServingSpec, pool: NodePool) -> tuple[int, int]:
         per_node = pool.cpus_per_node
         lo = math.ceil(sum(_replica_bounds(d)[0] * d.resources.cpus for d in deps) / per_node)
         hi = max(1, math.ceil(sum(_replica_bounds(d)[1] * d.resources.cpus for d in deps) / per_node))
-    gateways = max((d.queue.gateway_replicas for d in _gateways_on(spec, pool)), default=0)
-    if gateways:
-        # Gateways reserve no CPU but need a node; two nodes (when the pool allows) so that losing one
-        # node leaves a gateway serving.
-        lo = max(lo, min(gateways, 2))
     lo = max(lo, pool.min_nodes)
     hi = min(max(hi, lo), pool.max_nodes)
     return min(lo, hi), hi
@@ -208,8 +197,7 @@ def _container(name: str, opts: RenderOptions, cpus: float, memory: int, gpus: i
 
 def _worker_group(spec: ServingSpec, pool: NodePool, opts: RenderOptions) -> dict[str, Any]:
     inits, w_volumes, w_mounts = _prefetch(spec, pool, opts)
-    keyed = _deployments_on(spec, pool) + [d for d in _gateways_on(spec, pool) if d not in _deployments_on(spec, pool)]
-    env, k_volumes, k_mounts = _api_key_wiring(keyed, opts)
+    env, k_volumes, k_mounts = _api_key_wiring(_deployments_on(spec, pool), opts)
     lo, hi = worker_bounds(spec, pool)
     pod: dict[str, Any] = {
         "securityContext": _pod_security(),
@@ -263,7 +251,7 @@ def serve_config(spec: ServingSpec, opts: RenderOptions) -> dict[str, Any]:
             dep["num_replicas"] = o["num_replicas"]
         deps = [dep]
         if d.queue.gateway:
-            g = gateway_options(d, spec.gateway_pool())
+            g = gateway_options(d)
             deps.append({k: g[k] for k in ("name", "num_replicas", "max_ongoing_requests", "max_queued_requests", "backpressure_config", "ray_actor_options")})
         apps.append(
             {
@@ -289,10 +277,8 @@ def render(spec: ServingSpec, opts: RenderOptions) -> list[dict[str, Any]]:
     """The documents, in apply order: RayService, NetworkPolicy, PodMonitor, PrometheusRule."""
     from serving.monitoring import ALERTS, asset_path
 
-    # Without a CPU pool the admission gateways run on the head (no CPUs reserved, I/O only) and check
-    # the API keys there; with one, the keys go to that pool's workers instead.
-    on_head = [d for d in spec.deployments if d.queue.gateway] if spec.gateway_pool() is None else []
-    h_env, h_volumes, h_mounts = _api_key_wiring(on_head, opts)
+    # The admission gateways run on the head (no CPUs reserved, I/O only) and check the API keys there.
+    h_env, h_volumes, h_mounts = _api_key_wiring(spec.deployments, opts)
     head_pod = {
         "securityContext": _pod_security(),
         "containers": [

@@ -195,18 +195,11 @@ class ServingSpec(_Spec):
         placed = obj.model_copy(update={"resources": r.model_copy(update={"node_pool": pools[-1].name})})
         return cls(name=obj.name, pools=pools, deployments=[placed])
 
-    def gateway_pool(self) -> Optional[NodePool]:
-        """The pool the admission gateways run on: the first CPU pool (None: they stay on the head)."""
-        return next((p for p in self.pools if not p.is_gpu), None)
-
     def pool_of(self, deployment: ModelDeployment) -> NodePool:
         return next(p for p in self.pools if p.name == deployment.resources.node_pool)
 
     def build(self) -> dict[str, object]:
-        """One Ray Serve application per deployment, pinned to its pool, keyed by route prefix.
-
-        The admission gateways run on the gateway pool (the first CPU pool), if there is one.
-        """
+        """One Ray Serve application per deployment, pinned to its pool, keyed by route prefix."""
         from serving._private.app import build_application
 
-        return {f"/{d.name}": build_application(d, self.pool_of(d), self.gateway_pool()) for d in self.deployments}
+        return {f"/{d.name}": build_application(d, self.pool_of(d)) for d in self.deployments}

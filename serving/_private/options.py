@@ -71,18 +71,13 @@ def gateway_name(spec: ModelDeployment) -> str:
     return f"{spec.name}-gateway"
 
 
-def gateway_options(spec: ModelDeployment, cpu_pool: Optional["NodePool"] = None) -> dict[str, Any]:
-    """Options of the admission gateways: ``queue.gateway_replicas`` replicas, no CPU reserved.
+def gateway_options(spec: ModelDeployment) -> dict[str, Any]:
+    """Options of the admission gateways: ``queue.gateway_replicas`` replicas on the head, no CPU reserved.
 
-    They only wait on I/O. With a CPU pool they run on its nodes, off the head (whose loss then
-    takes neither) and off the GPU pools; without one (local development, or a spec with GPU pools
-    only) they stay on the head, where the proxies and the controller already run, rather than take
-    a place on a GPU node.
+    They only wait on I/O; the head is where the proxies and the controller already run, and
+    keeping them there keeps CPU work off the GPU pools. (Moving them off the head, onto a CPU pool,
+    is still to come: a pool with no standing node would leave them pending.)
     """
-    if cpu_pool is not None:
-        actor: dict[str, Any] = {"num_cpus": 0, "label_selector": cpu_pool.ray_selector}
-    else:
-        actor = {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}
     return {
         "name": gateway_name(spec),
         "num_replicas": spec.queue.gateway_replicas,
@@ -93,7 +88,7 @@ def gateway_options(spec: ModelDeployment, cpu_pool: Optional["NodePool"] = None
         # below what the gateways could admit, or a burst they would admit gets 503s.
         "max_queued_requests": gateway_router_queue(spec),
         "backpressure_config": {"status_code": 503, "retry_after_s": spec.queue.retry_after_s},
-        "ray_actor_options": actor,
+        "ray_actor_options": {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}},
         # The proxy already writes an access-log line per request; a second one here costs the
         # rejection path time and says nothing new.
         "logging_config": {"enable_access_log": False},

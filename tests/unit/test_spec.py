@@ -8,7 +8,6 @@ from pydantic import ValidationError
 
 from serving import AutoscalingSpec, BatchingSpec, ModelDeployment, ModelSource, QueueSpec, Resources, WarmupSpec
 from serving._private.options import deployment_options, gateway_options
-from serving.pools import NodePool
 
 SRC = ModelSource(path="/models/x")
 
@@ -151,11 +150,7 @@ def test_options_fixed_replicas_gpu_and_backpressure():
     assert o["max_queued_requests"] == -1 and o["graceful_shutdown_timeout_s"] == 60.0
     g = gateway_options(spec)
     assert g["num_replicas"] == 2 and g["ray_actor_options"]["num_cpus"] == 0  # queue.gateway_replicas
-    # Without a CPU pool the gateways stay on the head; with one they run there, never on the head.
     assert "node:__internal_head__" in g["ray_actor_options"]["resources"]
-    cpu = NodePool(name="cpu", cpus_per_node=4, memory_bytes_per_node=8 << 30, max_nodes=2)
-    on_pool = gateway_options(spec, cpu)["ray_actor_options"]
-    assert on_pool["label_selector"] == cpu.ray_selector and "resources" not in on_pool
     assert g["max_ongoing_requests"] > 20 and g["name"] == "m-gateway"
     # Without the gateway, Ray Serve's per-caller queue bound applies.
     o = deployment_options(spec.model_copy(update={"queue": QueueSpec(max_queued_requests=20, retry_after_s=2, gateway=False)}))
