@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install prometheus serve test test-unit test-integration bench clean
+.PHONY: install prometheus serve lint-imports test test-unit test-integration bench clean
 
 # Re-install when the dependency lists change.
 $(STAMP): pyproject.toml requirements-dev.txt
@@ -31,7 +31,11 @@ MULTINODE := tests/integration/multinode
 # With GPUSERVE_REQUIRE_PROMETHEUS the Prometheus tests fail instead of skipping when it is missing.
 TEST_ENV := HF_HUB_OFFLINE=1 GPUSERVE_REQUIRE_PROMETHEUS=1
 
-test: install prometheus
+# The package layering (docs/architecture.md), as import-linter contracts in pyproject.toml.
+lint-imports: install
+	$(VENV)/bin/lint-imports --no-cache
+
+test: install prometheus lint-imports
 	$(TEST_ENV) $(PY) -m pytest tests --ignore=$(MULTINODE)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(MULTINODE)
 

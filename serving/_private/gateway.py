@@ -136,8 +136,9 @@ class Gateway:
         self._startup = StartupTracker()
         self._arrivals_since_dispatch = 0
         self._metrics = metrics if metrics is not None else AdmissionMetrics(self.spec.name)
-        # Replica deaths per request body (by digest), for the quarantine.
-        self._kills: "OrderedDict[str, int]" = OrderedDict()
+        # The replicas (actor ids) that died running each request body (by digest), for the quarantine.
+        self._kills: "OrderedDict[str, set[str]]" = OrderedDict()
+        self._deaths = 0
         # Dispatched requests not yet settled: check_health holds in_flight to this count.
         self._dispatched: set[Ticket] = set()
         self._poller: "Optional[asyncio.Task]" = None
@@ -273,13 +274,21 @@ class Gateway:
         raw = json.dumps([endpoint, body], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(raw.encode()).hexdigest()
 
-    def _killed(self, digest: str) -> int:
-        """Count one more replica death under this body; returns the count."""
-        n = self._kills.pop(digest, 0) + 1
-        self._kills[digest] = n
+    def _killed(self, digest: str, error: RayActorError) -> int:
+        """Note a replica death under this body; returns how many distinct replicas it was running on.
+
+        Distinct, because a retry routed to a replica that was already dead (Ray's router has not
+        noticed yet) fails with the same replica's error, and that death was not this body's doing.
+        A node lost under the replica (preempted) is not counted at all.
+        """
+        ids = self._kills.pop(digest, set())
+        if not getattr(error, "preempted", False):
+            self._deaths += 1
+            ids.add(getattr(error, "actor_id", None) or f"unknown-{self._deaths}")
+        self._kills[digest] = ids
         while len(self._kills) > QUARANTINE_ENTRIES:
             self._kills.popitem(last=False)
-        return n
+        return len(ids)
 
     def _quarantined(self, kills: int) -> Quarantined:
         return Quarantined(
@@ -319,8 +328,8 @@ class Gateway:
         # requests only (queue bound + slots, each at most max_request_body_bytes), whatever arrives.
         try:
             body = await read_json(request, self.spec.queue.max_request_body_bytes)
-            if self._kills and self._kills.get(d := self._digest(endpoint, body), 0) >= KILLS_TO_QUARANTINE:
-                raise self._quarantined(self._kills[d])
+            if self._kills and len(self._kills.get(d := self._digest(endpoint, body), ())) >= KILLS_TO_QUARANTINE:
+                raise self._quarantined(len(self._kills[d]))
         except asyncio.CancelledError:
             self._withdraw(ticket, FAILED, "client_disconnected")
             raise
@@ -464,12 +473,12 @@ class Gateway:
             self._dispatched.discard(ticket)
             self.queue.requeue(ticket)
             return None
-        except RayActorError:
+        except RayActorError as e:
             # The replica died while running it. The request may be what killed it (a poison input), so
             # the gateway does not run it again: it answers 503 with Retry-After (the client decides;
             # serving.client does not retry this code), and refuses the body once it has killed twice.
             self._settle(ticket, FAILED, REPLICA_DIED_CODE)
-            kills = self._killed(self._digest(endpoint, body))
+            kills = self._killed(self._digest(endpoint, body), e)
             if kills >= KILLS_TO_QUARANTINE:
                 logger.error("gpuserve: a request body was running when %d replicas died; quarantined", kills)
                 return error_response(self._quarantined(kills))

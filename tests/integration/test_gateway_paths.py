@@ -145,6 +145,22 @@ def test_a_body_that_killed_two_replicas_is_quarantined_and_others_still_pass():
     assert c["failed"] == 2 and c["rejected"] == 1 and c["served"] == 1
 
 
+def test_a_retry_that_meets_the_same_dead_replica_or_a_lost_node_is_not_a_second_kill():
+    body = b'{"input": "innocent"}'
+    same = RayActorError(actor_id="a1")  # Ray's router sent the retry to the replica already dead
+    lost = RayActorError(actor_id="a2", preempted=True)  # the node went away under the replica
+
+    async def main():
+        g = gateway(Model(RayActorError(actor_id="a1"), same, lost, 0.0))
+        codes = [(await g._admit_and_forward("embeddings", request(body))).status_code for _ in range(4)]
+        g._poller.cancel()
+        return g, codes
+
+    g, codes = run(main())
+    assert codes == [503, 503, 503, 200]
+    assert settled(g)["served"] == 1
+
+
 def test_repeated_hand_backs_end_in_one_answer_and_leave_nothing_queued():
     async def main():
         g = gateway(Model(*[ActorUnavailableError("gone", None) for _ in range(4)]))
