@@ -36,7 +36,7 @@ def honouring_client(base: str, i: int) -> tuple[list[int], bool]:
     start = time.monotonic()
     with httpx.Client(timeout=DEADLINE_S) as c:
         while True:
-            r = c.post(f"{base}/v1/embeddings", json={"input": [f"SLOW:0.3 {i}"]})
+            r = c.post(f"{base}/v1/embeddings", json={"input": ["SLOW:0.3", f"request {i}"]})
             seen.append(r.status_code)
             if r.status_code not in (429, 503):
                 return seen, told
@@ -48,10 +48,19 @@ def honouring_client(base: str, i: int) -> tuple[list[int], bool]:
 
 
 def replica_pids(app: str) -> list[int]:
-    from ray.util.state import list_actors
-
-    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-    return [a.pid for a in actors if a.class_name == f"ServeReplica:{app}:{app}"]
+    """PIDs of the model replicas: Ray titles an actor's worker process ``ray::<actor class>``."""
+    title = f"ray::ServeReplica:{app}:{app}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    # Exactly the title: "<app>-gateway" replicas share its prefix.
+                    if f.read().split(b"\0")[0].strip() == title:
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
 
 
 def both_gateways(client: httpx.Client) -> dict[int, dict]:
