@@ -116,22 +116,28 @@ def spec(policy: str, provisioning_s: float):
     return ServingSpec(name="e2e", pools=list(pools(provisioning_s)), deployments=[model])
 
 
-async def replay(base: str, arrivals: np.ndarray, t0: float) -> list[tuple[float, int, float]]:
-    """Open loop: each request at its time; returns (arrival offset, status, latency) per request."""
+async def replay(base: str, arrivals: np.ndarray, t0: float) -> list[tuple[float, int, float, float | None]]:
+    """Open loop: each request at its time; returns (arrival offset, status, latency, replica's service
+    time or None) per request."""
     import httpx
 
-    out: list[tuple[float, int, float]] = []
+    from serving.protocol import SERVICE_HEADER
+
+    out: list[tuple[float, int, float, float | None]] = []
     async with httpx.AsyncClient(base_url=base, timeout=90) as client:
 
         async def one(at: float) -> None:
             await asyncio.sleep(max(0.0, t0 + at - time.time()))
             start = time.time()
+            service = None
             try:
                 r = await client.post("/e2e/v1/embeddings", json={"input": f"SLOW:{HOLD_S}"})
                 status = r.status_code
+                if SERVICE_HEADER in r.headers:
+                    service = float(r.headers[SERVICE_HEADER]) / 1000.0
             except httpx.HTTPError:
                 status = 599
-            out.append((start - t0, status, time.time() - start))
+            out.append((start - t0, status, time.time() - start, service))
 
         await asyncio.gather(*(one(float(a)) for a in arrivals))
     return out
@@ -270,9 +276,13 @@ def run_real(policy: str, arrivals: np.ndarray, provisioning_s: float, score_fro
     # The standing node (min_nodes) was launched at start-up, for no demand: no reaction to count.
     reactions = watch.reactions_s([e["t"] for e in launched[1:]])
     replica_starts = watch.replica_starts_s(sorted(joined.values()))
-    service = float(np.percentile([lat for _, s, lat in results if s == 200], 10)) if results else HOLD_S
-    scored = [(a, s, lat) for a, s, lat in results if a >= score_from_s]
-    ok = sum(1 for _, s, lat in scored if s == 200 and lat - service <= slo_s)
+    p10 = float(np.percentile([lat for _, s, lat, _ in results if s == 200], 10)) if results else HOLD_S
+    # The time each request waited before a replica worked on it: its latency less the service time its
+    # replica reported (the p10 latency where none was reported). On this shared 2-core machine service
+    # slows down under load; counting that as waiting was part of the gap to the simulator.
+    services = [svc for _, s, _, svc in results if s == 200 and svc is not None]
+    scored = [(a, s, lat - (p10 if svc is None else svc)) for a, s, lat, svc in results if a >= score_from_s]
+    ok = sum(1 for _, s, wait in scored if s == 200 and wait <= slo_s)
     return {
         "slo_attainment": ok / len(scored) if scored else 1.0,
         "gpu_node_seconds": node_seconds,
@@ -286,7 +296,15 @@ def run_real(policy: str, arrivals: np.ndarray, provisioning_s: float, score_fro
             "replica_start_s": [round(x, 2) for x in replica_starts],
             # From a rise of GPU demand above the GPU nodes to the launch that answered it.
             "reaction_s": [round(x, 2) for x in reactions],
-            "service_s_p10": round(service, 3),
+            "latency_s_p10": round(p10, 3),
+            # Per request, as the replica reported it: the simulator serves each request in the mean.
+            "service_s": {
+                "mean": round(float(np.mean(services)), 3),
+                "p50": round(float(np.percentile(services, 50)), 3),
+                "p90": round(float(np.percentile(services, 90)), 3),
+            }
+            if services
+            else None,
         },
         "_run_s": end - t0,
     }
@@ -313,7 +331,7 @@ def run_sim(policy: str, arrivals: np.ndarray, provisioning_s: float, measured: 
         replica_start_s=float(np.median(starts)),
         idle_timeout_s=IDLE_TIMEOUT_S,
         slots_per_replica=SLOTS,
-        service_time_s=float(measured.get("service_s_p10", HOLD_S)),
+        service_time_s=float((measured.get("service_s") or {}).get("mean", measured.get("latency_s_p10", HOLD_S))),
         peak_replicas=None,
         min_replicas=1,
         max_replicas=MAX_REPLICAS,

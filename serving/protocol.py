@@ -12,6 +12,7 @@ __all__ = [
     "QUARANTINED_CODE",
     "REPLICA_DIED_CODE",
     "REPLICA_HEADER",
+    "SERVICE_HEADER",
     "TIMEOUT_HEADER",
 ]
 
@@ -20,6 +21,9 @@ PRIORITY_HEADER = "x-gpuserve-priority"
 TIMEOUT_HEADER = "x-gpuserve-timeout-s"
 # Response header naming the replica that answered (for tracing a request to its logs).
 REPLICA_HEADER = "x-gpuserve-replica"
+# Response header: milliseconds the replica spent on the request (parsed to answered; not streams).
+# Latency less this is the time the request waited before a replica worked on it.
+SERVICE_HEADER = "x-gpuserve-service-ms"
 
 # A replica died while it ran the request. Answered 503 with Retry-After (the platform may be at
 # fault: a node lost, a process OOM-killed), but gpuserve's own client does not retry it on its own:

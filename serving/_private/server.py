@@ -31,7 +31,7 @@ from serving._private.registry import resolve_task
 from serving._private.signals import MEMORY_HEADROOM, LoadSignals
 from serving._private.warmup import WarmupReport, derive_stall_after_s, plan_shapes, run_warmup
 from serving._private.watchdog import StallWatchdog
-from serving.protocol import REPLICA_HEADER
+from serving.protocol import REPLICA_HEADER, SERVICE_HEADER
 from serving.errors import ModelNotReady, NotFound, Unauthorized, error_body
 from serving.gpu import GpuTelemetry
 from serving.spec import ModelDeployment
@@ -222,7 +222,9 @@ class ModelServer:
                 resp: Response = StreamingResponse(self._sse(item, t0), media_type="text/event-stream")
             else:
                 resp = JSONResponse(await self._run(item))
-                self.signals.served(time.monotonic(), time.monotonic() - t0)
+                done = time.monotonic()
+                self.signals.served(done, done - t0)
+                resp.headers[SERVICE_HEADER] = str(round((done - t0) * 1000.0))
         except Exception as e:  # noqa: BLE001 - every error leaves as an OpenAI error body
             resp = error_response(e)
         resp.headers[REPLICA_HEADER] = self.replica_id

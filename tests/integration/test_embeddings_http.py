@@ -27,7 +27,13 @@ def test_paraphrase_ranks_first(embeddings_client):
 
 
 def test_single_string_input(embeddings_client):
-    assert vectors(embeddings_client.post("/v1/embeddings", json={"input": "hello"})).shape == (1, 384)
+    r = embeddings_client.post("/v1/embeddings", json={"input": "hello"})
+    assert vectors(r).shape == (1, 384)
+    # The replica says how long it worked on the request (through the gateway): latency less this is
+    # the time the request waited.
+    from serving.protocol import SERVICE_HEADER
+
+    assert 0 <= float(r.headers[SERVICE_HEADER]) <= r.elapsed.total_seconds() * 1000 + 1
 
 
 def test_concurrent_requests_are_each_answered_correctly(embeddings_client):
