@@ -26,8 +26,10 @@ def test_the_builder_builds_each_configured_deployment_with_the_configured_optio
         # The admission gateway is the ingress; the model deployment is bound into it.
         gateway = app._bound_deployment
         assert gateway.name == want_gateway["name"] == f"{want['name']}-gateway"
-        assert gateway.num_replicas == want_gateway["num_replicas"] == 1
+        # Two gateways by default (queue.gateway_replicas), each with its share of the bound.
+        assert gateway.num_replicas == want_gateway["num_replicas"] == 2
         assert gateway.ray_actor_options == want_gateway["ray_actor_options"]
+        assert gateway.max_queued_requests == want_gateway["max_queued_requests"]
         got = gateway.init_args[1]._bound_deployment
         assert got.name == want["name"]
         assert got.ray_actor_options["label_selector"] == want["ray_actor_options"]["label_selector"]
