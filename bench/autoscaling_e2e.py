@@ -26,6 +26,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 # Replicas push autoscaling metrics every 2 s: read by Ray when it builds the deployment's config in
 # this process, and by the processes of the cluster (passed on below).
@@ -153,9 +154,10 @@ class PoolWatch:
       for its node is counted from the join, not from the request: the node's wait is the
       provisioning delay, which the simulator adds on its own (counting it twice made the simulated
       Ray default queue for a whole extra provisioning).
-    - **Reaction**: GPU demand (pending replicas plus ``request_resources``) rising above the GPU
-      nodes alive, until Ray's autoscaler launches a node for it. The simulator provisions from the
-      moment of the demand, so its delay is the reaction plus launch-to-join.
+    - **Reaction**: from the moment the GPU demand (``request_resources``, or GPUs in use plus pending
+      replicas) first wanted one more node than there were, to Ray's autoscaler launching it. The
+      simulator provisions from the moment of the demand, so its delay is the reaction plus
+      launch-to-join.
     """
 
     def __init__(self, address: str) -> None:
@@ -164,7 +166,7 @@ class PoolWatch:
         self.address = address
         self.stop = threading.Event()
         self.transitions: list[tuple[float, float]] = []  # (starting_at, running_at)
-        self.demand_up: list[float] = []  # when GPU demand first exceeded the GPU nodes, per rise
+        self.demand: list[tuple[float, float]] = []  # (time, GPUs wanted: requested, or in use + pending)
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -176,7 +178,6 @@ class PoolWatch:
 
         pending: list[float] = []
         last_starting = last_running = 0
-        last_short = False
         while not self.stop.is_set():
             now = time.time()
             try:
@@ -192,14 +193,19 @@ class PoolWatch:
             try:
                 cs = get_cluster_status(self.address)
                 # request_resources is a total (nodes already there included); pending replicas are
-                # what no node can take now.
-                alive = sum(n.total_resources().get("GPU", 0) for n in cs.active_nodes + cs.idle_nodes)
-                short = gpus(cs.resource_demands.cluster_constraint_demand) > alive or gpus(
-                    cs.resource_demands.ray_task_actor_demand
-                ) > 0
-                if short and not last_short:
-                    self.demand_up.append(now)
-                last_short = short
+                # what no node can take now, on top of the GPUs in use.
+                used = sum(
+                    u.used
+                    for n in cs.active_nodes + cs.idle_nodes
+                    if n.resource_usage is not None
+                    for u in n.resource_usage.usage
+                    if u.resource_name == "GPU"
+                )
+                wanted = max(
+                    gpus(cs.resource_demands.cluster_constraint_demand),
+                    used + gpus(cs.resource_demands.ray_task_actor_demand),
+                )
+                self.demand.append((now, wanted))
             except Exception:  # noqa: BLE001 - a missed sample is fine, the next one comes
                 pass
             time.sleep(0.5)
@@ -211,13 +217,23 @@ class PoolWatch:
             out.append(ran - max([started, *joined]))
         return out
 
-    def reactions_s(self, launches: list[float]) -> list[float]:
-        """For each launch, the time since the GPU demand rise it answered (the last one before it)."""
+    def reactions_s(self, launches: list[float], nodes_at: "Callable[[float], int]") -> list[float]:
+        """For each launch, how long the demand had wanted the node it adds.
+
+        A launch adds node ``n + 1`` where ``n`` nodes were launched or alive just before it; its
+        reaction starts where the unbroken stretch of samples wanting at least ``n + 1`` GPUs, that runs
+        up to the launch, begins. (A launch with no such demand just before it is not counted.)
+        """
         out = []
-        for at in launches:
-            rises = [u for u in self.demand_up if u <= at]
-            if rises:
-                out.append(at - rises[-1])
+        for at in sorted(launches):
+            need = nodes_at(at) + 1
+            start = None
+            for t, wanted in reversed([d for d in self.demand if d[0] <= at]):
+                if wanted < need:
+                    break
+                start = t
+            if start is not None:
+                out.append(at - start)
         return out
 
 
@@ -274,7 +290,13 @@ def run_real(policy: str, arrivals: np.ndarray, provisioning_s: float, score_fro
     joined = {e["node_id"]: e["t"] for e in events if e["kind"] == "joined"}
     provision = [joined[e["node_id"]] - e["t"] for e in launched if e["node_id"] in joined]
     # The standing node (min_nodes) was launched at start-up, for no demand: no reaction to count.
-    reactions = watch.reactions_s([e["t"] for e in launched[1:]])
+    gone = [e["t"] for e in events if e["kind"] in ("terminated", "cancelled")]
+
+    def nodes_at(t: float) -> int:
+        # Nodes launched (joined or still coming) and not yet gone just before ``t``.
+        return sum(1 for e in launched if e["t"] < t) - sum(1 for g in gone if g < t)
+
+    reactions = watch.reactions_s([e["t"] for e in launched[1:]], nodes_at)
     replica_starts = watch.replica_starts_s(sorted(joined.values()))
     p10 = float(np.percentile([lat for _, s, lat, _ in results if s == 200], 10)) if results else HOLD_S
     # The time each request waited before a replica worked on it: its latency less the service time its
