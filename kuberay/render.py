@@ -106,24 +106,17 @@ def _deployments_on(spec: ServingSpec, pool: NodePool) -> list[ModelDeployment]:
     return [d for d in spec.deployments if d.resources.node_pool == pool.name]
 
 
-def _replica_bounds(d: ModelDeployment) -> tuple[int, int]:
-    if d.autoscaling is not None:
-        return d.autoscaling.min_replicas, d.autoscaling.max_replicas
-    n = 1 if d.replicas is None else d.replicas
-    return n, n
-
-
 def worker_bounds(spec: ServingSpec, pool: NodePool) -> tuple[int, int]:
     """(min, max) nodes of a pool's worker group: what its deployments' replica bounds need, within the pool's."""
     deps = _deployments_on(spec, pool)
     if pool.is_gpu:
         per_node = pool.gpus_per_node
-        lo = math.ceil(sum(_replica_bounds(d)[0] * d.resources.gpus for d in deps) / per_node)
-        hi = math.ceil(sum(_replica_bounds(d)[1] * d.resources.gpus for d in deps) / per_node)
+        lo = math.ceil(sum(d.replica_bounds()[0] * d.resources.gpus for d in deps) / per_node)
+        hi = math.ceil(sum(d.replica_bounds()[1] * d.resources.gpus for d in deps) / per_node)
     else:
         per_node = pool.cpus_per_node
-        lo = math.ceil(sum(_replica_bounds(d)[0] * d.resources.cpus for d in deps) / per_node)
-        hi = max(1, math.ceil(sum(_replica_bounds(d)[1] * d.resources.cpus for d in deps) / per_node))
+        lo = math.ceil(sum(d.replica_bounds()[0] * d.resources.cpus for d in deps) / per_node)
+        hi = max(1, math.ceil(sum(d.replica_bounds()[1] * d.resources.cpus for d in deps) / per_node))
     lo = max(lo, pool.min_nodes)
     hi = min(max(hi, lo), pool.max_nodes)
     return min(lo, hi), hi

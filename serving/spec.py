@@ -560,6 +560,13 @@ class ModelDeployment(_Spec):
         """The model id clients use: ``model.served_name`` or the deployment name."""
         return self.model.served_name or self.name
 
+    def replica_bounds(self) -> tuple[int, int]:
+        """(fewest, most) replicas this deployment may run: the autoscaling bounds, or its fixed count."""
+        if self.autoscaling is not None:
+            return self.autoscaling.min_replicas, self.autoscaling.max_replicas
+        n = 1 if self.replicas is None else self.replicas
+        return n, n
+
     def build(self) -> Any:
         """Build the Ray Serve ``Application`` for this spec (imports Ray lazily)."""
         from serving._private.app import build_application

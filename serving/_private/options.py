@@ -58,11 +58,7 @@ GATEWAY_ROUTER_QUEUE_FLOOR = 256
 
 def gateway_router_queue(spec: ModelDeployment) -> int:
     """Bound of Ray's router queue in front of the gateways: what they could hold at most, or the floor."""
-    if spec.autoscaling is not None:
-        replicas = spec.autoscaling.max_replicas
-    else:
-        replicas = 1 if spec.replicas is None else spec.replicas
-    admissible = spec.queue.max_queued_requests + replicas * spec.queue.max_ongoing_requests
+    admissible = spec.queue.max_queued_requests + spec.replica_bounds()[1] * spec.queue.max_ongoing_requests
     return max(GATEWAY_ROUTER_QUEUE_FLOOR, admissible)
 
 
