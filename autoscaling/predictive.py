@@ -29,10 +29,11 @@ class PredictivePolicy:
     5. nodes = the same over the longer node + replica lead time, so nodes are asked for before
        the replicas that will need them (``pre_provision``), and released when the need falls;
     6. while bursting (arrivals above the forecast, or a queue), never scale down;
-    7. the :class:`Guardrail` applies bounds, the scale-down delay and the cooldown after a scale-up.
+    7. never release a replica whose node the node forecast (5.) holds: it costs no more than the node;
+    8. the :class:`Guardrail` applies bounds, the scale-down delay and the cooldown after a scale-up.
 
     Every decision's reason splits the count into the reactive floor, what the forecast adds, what
-    the recent-peak hedge adds and what the guardrail holds, with the GPU-hours per hour above the
+    the recent-peak hedge adds and what the guardrail or a held node keeps, with the GPU-hours per hour above the
     floor.
 
     Attributes:
@@ -156,13 +157,15 @@ class PredictivePolicy:
         if short_of_memory and ctx.starting_replicas == 0:
             # One at a time: the next is asked for only once this one serves and the headroom is seen again.
             wanted = max(wanted, ctx.replicas + 1)
+        nodes_fc = 0
+        if self.pre_provision:
+            nodes_fc = ceil_replicas(size(max(fc.peak_forecast(f, fstate, ctx.now_s, h_node), peak)))
+            # A replica whose node the node forecast holds costs nothing more than that node. Releasing
+            # it only to ask it back within the node lead is churn (and the replica lead again).
+            wanted = max(wanted, min(ctx.replicas, nodes_fc))
         replicas, gstate, action = self.guardrail.apply(ctx, wanted, st.get("guard", {}))
         st["guard"] = gstate
-        nodes = None
-        if self.pre_provision:
-            rate_node = max(fc.peak_forecast(f, fstate, ctx.now_s, h_node), peak)
-            nodes = max(replicas, ceil_replicas(size(rate_node)))
-            nodes = min(nodes, ctx.max_replicas)
+        nodes = min(max(replicas, nodes_fc), ctx.max_replicas) if self.pre_provision else None
         # Every replica above the reactive floor is explained: how many the forecast adds, how many the
         # recent-peak hedge adds, how many the guardrail holds, and what they cost (one GPU-hour per hour each).
         n_floor = ceil_replicas(floor)

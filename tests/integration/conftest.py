@@ -2,7 +2,7 @@
 
 import glob
 import os
-from typing import Optional
+from typing import Optional, Union
 
 import httpx
 import pytest
@@ -10,8 +10,8 @@ import pytest
 from serving.testing import free_port  # noqa: F401 - the integration tests import it from here
 
 
-def controller_log_lines(marker: str, logs_dir: Optional[str] = None) -> list[str]:
-    """Lines holding ``marker`` in the Serve controller's logs (default: the connected session's)."""
+def controller_log_lines(marker: Union[str, tuple[str, ...]], logs_dir: Optional[str] = None) -> list[str]:
+    """Lines holding ``marker`` (or any of several) in the Serve controller's logs (default: the connected session's)."""
     if logs_dir is None:
         import ray
 
@@ -19,7 +19,8 @@ def controller_log_lines(marker: str, logs_dir: Optional[str] = None) -> list[st
     out = []
     for path in glob.glob(os.path.join(logs_dir, "serve", "controller_*.log")):
         with open(path) as f:
-            out += [line for line in f if marker in line]
+            markers = (marker,) if isinstance(marker, str) else marker
+            out += [line for line in f if any(m in line for m in markers)]
     return out
 
 

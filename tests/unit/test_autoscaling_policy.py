@@ -297,3 +297,39 @@ def test_registry_lists_builtins_and_names_them_on_a_bad_name():
     pol = make_policy("predictive", headroom_beta=1.0, forecast_level_alpha=0.2, downscale_delay_s=60)
     assert pol.headroom_beta == 1.0 and pol.forecast.level_alpha == 0.2 and pol.guardrail.downscale_delay_s == 60
     assert make_policy("autoscaling.baselines:HpaLikePolicy", utilization=0.5).utilization == 0.5
+
+
+def test_no_replica_is_released_while_the_policy_holds_its_node():
+    """A rising ramp with noisy in-flight counts (one slot per replica, a few requests per decision):
+    the floor swings with the noise, and a short scale-down window let a replica go while the node
+    forecast still held its node, to be asked back one decision later (seen on Ray: 2 -> 3 -> 2 -> 3
+    within 20 s). A replica whose node is held costs nothing more; releasing it is churn."""
+    pol = make_policy(
+        "predictive",
+        interval_s=4.0,
+        replica_lead_prior_s=5.0,
+        node_lead_prior_s=24.0,
+        forecast_max_trend_lift=1.0,
+        forecast_trend_beta=0.2,
+        forecast_warmup_updates=3,
+        downscale_delay_s=10.0,
+        cooldown_after_up_s=5.0,
+        peak_window_s=5.0,
+        max_peak_window_s=30.0,
+    )
+    # In-flight averages (rate x service x this) swing from one decision to the next, as they do
+    # with one slot per replica and a few requests per decision.
+    swing = [0.5, 2, 2, 0.5, 1, 2, 1, 2, 2, 0.5, 2, 0.5, 1, 1, 2, 0.5, 0.5, 2, 1, 2, 2, 1, 1, 2, 0.5, 0.5, 2, 0.5, 2, 1]
+    st: dict = {}
+    ready, seen = 1, []
+    for k, m in enumerate(swing):
+        t = k * 4.0
+        rate = 0.2 + 1.8 * min(1.0, max(0.0, t - 20.0) / 90.0)
+        d, st = pol.decide(ctx(t, rate, ready=ready, slots=1, ongoing=rate * m, lo=1, hi=3), st)
+        assert d.nodes is not None
+        seen.append((t, d.replicas, d.nodes))
+        if d.replicas < ready:
+            assert d.nodes < ready, (seen, d.reason)
+        ready = d.replicas
+    downs = [(a, b) for a, b in zip(seen, seen[1:]) if b[1] < a[1]]
+    assert not downs, seen
