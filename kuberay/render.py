@@ -17,6 +17,7 @@ from typing import Any, Optional
 import yaml
 
 from serving.pools import GPU_TAINT_KEY, NodePool, ServingSpec
+from serving.protocol import PROXY_ENV
 from serving.spec import ModelDeployment
 
 SERVICE_LABEL = "gpuserve.io/service"
@@ -182,7 +183,7 @@ def _container(name: str, opts: RenderOptions, cpus: float, memory: int, gpus: i
         # is Guaranteed and never evicted for memory pressure mid-inference.
         "resources": {"requests": dict(res), "limits": dict(res)},
         "ports": [{"name": "metrics", "containerPort": METRICS_PORT}, {"name": "serve", "containerPort": SERVE_PORT}],
-        "env": [{"name": "HF_HUB_OFFLINE", "value": "1"}, *env],
+        "env": [{"name": "HF_HUB_OFFLINE", "value": "1"}, *({"name": k, "value": v} for k, v in PROXY_ENV.items()), *env],
         "securityContext": _security_context(),
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, *mounts],
     }

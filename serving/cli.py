@@ -22,6 +22,12 @@ def _cmd_run(args: argparse.Namespace, passthrough: list[str]) -> int:
     # for variables set here, before Ray starts.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # Ray's HTTP proxies, started by `serve run` below, load gpuserve's middleware (a lost gateway
+    # answers 503 with Retry-After, not 500).
+    from serving.protocol import PROXY_ENV
+
+    for k, v in PROXY_ENV.items():
+        os.environ.setdefault(k, v)
     from ray.serve.scripts import cli as serve_cli
 
     argv = ["run", *passthrough, args.target]

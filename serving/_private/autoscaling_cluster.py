@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
+from serving.protocol import PROXY_ENV
 from serving.testing import free_port
 
 if TYPE_CHECKING:
@@ -142,6 +143,7 @@ class AutoscalingCluster:
                 "RAY_AUTH_MODE": "disabled",
             }
         )
+        env.update(PROXY_ENV)
         env.update(self._env)
         port = self.address.rsplit(":", 1)[1]
         cmd = [

@@ -41,6 +41,10 @@ def serve_instance(metrics_port):
     # Replicas push their load metrics to the controller every second (Ray's default is 10 s), so the
     # autoscaling tests can run on short timescales; the processes Ray starts inherit this.
     os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
+    # As `gpuserve run` and the rendered pods do: the proxies load gpuserve's middleware.
+    from serving.protocol import PROXY_ENV
+
+    os.environ.update(PROXY_ENV)
     # 16 logical CPUs on a 2-core machine: they are scheduling tokens, not cores.
     # Replicas mostly wait, and the session holds several small deployments at
     # once while the autoscaling test still needs room for one more replica.

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from serving import BatchingSpec, ModelDeployment, ModelSource, QueueSpec, WarmupSpec
+from serving.protocol import GATEWAY_LOST_CODE
 from tests.conftest import MINILM
 
 DEADLINE_S = 60.0
@@ -29,9 +30,9 @@ def spec():
     )
 
 
-def honouring_client(base: str, i: int) -> tuple[list[int], bool]:
+def honouring_client(base: str, i: int, codes: list | None = None) -> tuple[list[int], bool]:
     """POST until a final answer, waiting as any 429/503 with Retry-After asks; (statuses seen, every
-    retryable one carried Retry-After)."""
+    retryable one carried Retry-After). The error codes of the 503s go to ``codes``."""
     seen, told = [], True
     start = time.monotonic()
     with httpx.Client(timeout=DEADLINE_S) as c:
@@ -40,6 +41,8 @@ def honouring_client(base: str, i: int) -> tuple[list[int], bool]:
             seen.append(r.status_code)
             if r.status_code not in (429, 503):
                 return seen, told
+            if r.status_code == 503 and codes is not None:
+                codes.append(r.json()["error"]["code"])
             after = r.headers.get("retry-after")
             told = told and after is not None
             if time.monotonic() - start > DEADLINE_S:
@@ -47,9 +50,10 @@ def honouring_client(base: str, i: int) -> tuple[list[int], bool]:
             time.sleep(float(after or 1.0))
 
 
-def replica_pids(app: str) -> list[int]:
-    """PIDs of the model replicas: Ray titles an actor's worker process ``ray::<actor class>``."""
-    title = f"ray::ServeReplica:{app}:{app}".encode()
+def replica_pids(app: str, deployment: str | None = None) -> list[int]:
+    """PIDs of a deployment's replicas (default: the model's): Ray titles an actor's worker process
+    ``ray::<actor class>``."""
+    title = f"ray::ServeReplica:{app}:{deployment or app}".encode()
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -63,6 +67,20 @@ def replica_pids(app: str) -> list[int]:
     return pids
 
 
+def wait_for_pids(app: str, deployment: str, n: int, timeout_s: float = 120.0) -> list[int]:
+    """Wait until ``n`` replicas of the deployment have live processes and the app is RUNNING again."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pids = replica_pids(app, deployment)
+        status = serve.status().applications.get(app)
+        if len(pids) == n and status is not None and status.status == "RUNNING":
+            return pids
+        time.sleep(0.5)
+    raise AssertionError(f"{deployment}: {replica_pids(app, deployment)} after {timeout_s} s")
+
+
 def both_gateways(client: httpx.Client) -> dict[int, dict]:
     """/admission from each gateway (Ray's proxy picks one per request: ask until both answered)."""
     seen: dict[int, dict] = {}
@@ -71,6 +89,36 @@ def both_gateways(client: httpx.Client) -> dict[int, dict]:
         a = client.get("/admission").json()
         seen[a["gateway"]["rank"]] = a
     return seen
+
+
+def kill_under_load(base: str, pid: int, codes: list | None = None) -> list[int]:
+    """80 honouring clients, 8 at a time; SIGKILL ``pid`` 2 s in. Every request must end 200, every
+    429/503 carry Retry-After, and no other 5xx appear. Returns every status seen."""
+    with cf.ThreadPoolExecutor(8) as pool:
+        futs = [pool.submit(honouring_client, base, i, codes) for i in range(80)]
+        time.sleep(2.0)  # under load: the replicas busy, requests waiting in both gateways
+        os.kill(pid, signal.SIGKILL)
+        results = [f.result(timeout=DEADLINE_S + 30) for f in futs]
+    finals = [seen[-1] for seen, _ in results]
+    every = [s for seen, _ in results for s in seen]
+    assert finals == [200] * len(finals), sorted(set(finals))
+    assert all(told for _, told in results), "a 429/503 came without Retry-After"
+    assert not [s for s in every if s >= 500 and s != 503], sorted(set(every))
+    return every
+
+
+def settled_counts(client: httpx.Client) -> list[dict]:
+    """Each gateway's counters once nothing is pending (or 30 s passed); each must reconcile."""
+    deadline = time.monotonic() + 30
+    while True:
+        counts = [v["counts"] for v in both_gateways(client).values()]
+        if all(c["pending"] == 0 for c in counts) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(counts) == 2
+    for c in counts:
+        assert c["pending"] == 0 and c["received"] == c["served"] + c["rejected"] + c["expired"] + c["failed"], c
+    return counts
 
 
 @pytest.fixture(scope="module")
@@ -86,27 +134,24 @@ def test_a_model_replica_killed_under_load_costs_no_hard_error(chaos):
     base = str(chaos.base_url).rstrip("/")
     pids = replica_pids("chaos")
     assert len(pids) == 2, pids
-    with cf.ThreadPoolExecutor(8) as pool:
-        futs = [pool.submit(honouring_client, base, i) for i in range(80)]
-        time.sleep(2.0)  # under load: both replicas busy, requests waiting in the gateways
-        os.kill(pids[0], signal.SIGKILL)
-        results = [f.result(timeout=DEADLINE_S + 30) for f in futs]
-    finals = [seen[-1] for seen, _ in results]
-    every = [s for seen, _ in results for s in seen]
-    assert finals == [200] * len(finals), sorted(set(finals))
-    assert all(told for _, told in results), "a 429/503 came without Retry-After"
-    assert not [s for s in every if s >= 500 and s != 503], sorted(set(every))
+    every = kill_under_load(base, pids[0])
     # The kill was felt: the requests on the dead replica were answered 503 replica_died, not lost.
     assert 503 in every
-    # Each gateway's counters reconcile once nothing is pending.
-    deadline = time.monotonic() + 30
-    while True:
-        views = both_gateways(chaos)
-        counts = [v["counts"] for v in views.values()]
-        if all(c["pending"] == 0 for c in counts) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert len(views) == 2
-    for c in counts:
-        assert c["pending"] == 0 and c["received"] == c["served"] + c["rejected"] + c["expired"] + c["failed"], c
+    counts = settled_counts(chaos)
     assert sum(c["received"] for c in counts) == len(every)  # every attempt reached a gateway and was counted
+
+
+def test_a_gateway_killed_under_load_costs_no_hard_error(chaos):
+    """The gateway process dies (SIGKILL) with requests in it: Ray's proxy would answer those a bare
+    500; gpuserve's proxy middleware answers 503 gateway_lost with Retry-After, the client comes back,
+    and the other gateway (or the restarted one) serves it."""
+    base = str(chaos.base_url).rstrip("/")
+    wait_for_pids("chaos", "chaos", 2)
+    gateways = wait_for_pids("chaos", "chaos-gateway", 2)
+    codes: list = []
+    kill_under_load(base, gateways[0], codes)
+    # The kill was felt: the requests the dead gateway held were answered 503 gateway_lost, not 500.
+    assert GATEWAY_LOST_CODE in codes, codes
+    # Serve restarts the gateway; each gateway's counters (the new one's from its start) reconcile.
+    wait_for_pids("chaos", "chaos-gateway", 2)
+    settled_counts(chaos)

@@ -16,6 +16,7 @@ from serving._private.options import deployment_options
 from serving.builder import load_spec
 from serving.cli import main
 from serving.pools import GPU_TAINT_KEY
+from serving.protocol import PROXY_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = Path(os.environ.get("GPUSERVE_CRD_DIR", ROOT.parent / "shared" / "kuberay-crds"))
@@ -211,6 +212,10 @@ def test_secure_defaults():
             assert ct["securityContext"]["capabilities"] == {"drop": ["ALL"]}
         for ct in pod.get("initContainers", []):
             assert ct["securityContext"]["readOnlyRootFilesystem"] is True
+        # Every Ray container runs a Serve proxy (EveryNode): each loads gpuserve's proxy middleware.
+        for ct in pod["containers"]:
+            env = {e["name"]: e.get("value") for e in ct["env"]}
+            assert PROXY_ENV.items() <= env.items(), env
     a100 = group(docs, "a100")["template"]["spec"]
     assert a100["initContainers"][0]["command"][:2] == ["gpuserve", "prefetch"]
     assert a100["terminationGracePeriodSeconds"] >= 60
