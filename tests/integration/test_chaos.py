@@ -1,7 +1,8 @@
-"""Faults under load on real Ray Serve: a model replica's process is SIGKILLed (as the kernel's OOM
-killer would) while a client that honours Retry-After keeps sending. Every request must end answered
-as the admission contract says (200, or 429/503 with Retry-After, never a hard 5xx or a hang), and each
-gateway's counters must reconcile once the load is over."""
+"""Faults under load on real Ray Serve: a model replica's or a gateway's process SIGKILLed (as the kernel's OOM
+killer would), the Serve controller hung (SIGSTOP), clients that leave mid-request, while a client that
+honours Retry-After keeps sending. Every request must end answered as the admission contract says (200,
+or 429/503 with Retry-After, never a hard 5xx or a hang), and each gateway's counters must reconcile
+once the load is over."""
 
 import concurrent.futures as cf
 import os
@@ -50,21 +51,24 @@ def honouring_client(base: str, i: int, codes: list | None = None) -> tuple[list
             time.sleep(float(after or 1.0))
 
 
-def replica_pids(app: str, deployment: str | None = None) -> list[int]:
-    """PIDs of a deployment's replicas (default: the model's): Ray titles an actor's worker process
-    ``ray::<actor class>``."""
-    title = f"ray::ServeReplica:{app}:{deployment or app}".encode()
+def process_pids(title: bytes) -> list[int]:
+    """PIDs of the processes titled exactly ``title``: Ray titles an actor's worker ``ray::<actor class>``."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    # Exactly the title: "<app>-gateway" replicas share its prefix.
+                    # Exactly the title: "<app>-gateway" replicas share the model's prefix.
                     if f.read().split(b"\0")[0].strip() == title:
                         pids.append(int(entry))
             except OSError:
                 pass
     return pids
+
+
+def replica_pids(app: str, deployment: str | None = None) -> list[int]:
+    """PIDs of a deployment's replicas (default: the model's)."""
+    return process_pids(f"ray::ServeReplica:{app}:{deployment or app}".encode())
 
 
 def wait_for_pids(app: str, deployment: str, n: int, timeout_s: float = 120.0) -> list[int]:
@@ -132,8 +136,7 @@ def chaos(deploy, serve_instance):
 
 def test_a_model_replica_killed_under_load_costs_no_hard_error(chaos):
     base = str(chaos.base_url).rstrip("/")
-    pids = replica_pids("chaos")
-    assert len(pids) == 2, pids
+    pids = wait_for_pids("chaos", "chaos", 2)
     every = kill_under_load(base, pids[0])
     # The kill was felt: the requests on the dead replica were answered 503 replica_died, not lost.
     assert 503 in every
@@ -155,3 +158,64 @@ def test_a_gateway_killed_under_load_costs_no_hard_error(chaos):
     # Serve restarts the gateway; each gateway's counters (the new one's from its start) reconcile.
     wait_for_pids("chaos", "chaos-gateway", 2)
     settled_counts(chaos)
+
+
+def test_a_hung_serve_controller_stops_nothing(chaos):
+    """The control plane hangs (the Serve controller's process stopped, SIGSTOP) for 12 s under load:
+    the gateways' polls time out and keep the last counts, Ray's routers keep their replica sets, and
+    every request is still answered (200, or 429/503 with Retry-After, then 200); nothing waits for the
+    controller."""
+    base = str(chaos.base_url).rstrip("/")
+    wait_for_pids("chaos", "chaos", 2)
+    wait_for_pids("chaos", "chaos-gateway", 2)
+    (controller,) = process_pids(b"ray::ServeController")
+    results: list = []
+    try:
+        with cf.ThreadPoolExecutor(8) as pool:
+            futs = [pool.submit(honouring_client, base, i) for i in range(80)]
+            time.sleep(1.0)
+            os.kill(controller, signal.SIGSTOP)
+            time.sleep(12.0)
+            # Requests finished while the controller was stopped: the data plane never waited for it.
+            done_while_hung = sum(f.done() for f in futs)
+            os.kill(controller, signal.SIGCONT)
+            results = [f.result(timeout=DEADLINE_S + 30) for f in futs]
+    finally:
+        os.kill(controller, signal.SIGCONT)
+    finals = [seen[-1] for seen, _ in results]
+    every = [s for seen, _ in results for s in seen]
+    assert finals == [200] * len(finals), sorted(set(finals))
+    assert all(told for _, told in results), "a 429/503 came without Retry-After"
+    assert not [s for s in every if s >= 500 and s != 503], sorted(set(every))
+    # 80 requests of 0.3 s on 2 replicas with 2 slots each take about 6 s: most finish while it hangs.
+    assert done_while_hung >= 40, done_while_hung
+    settled_counts(chaos)
+
+
+def test_clients_that_leave_mid_request_leak_no_slot(chaos):
+    """60 clients give up (a 0.2 s client timeout) on requests that take 0.6 s, queued or running: each
+    gateway settles every one of them (counters reconcile, nothing pending, no slot held), and the
+    deployment then serves at full capacity."""
+    base = str(chaos.base_url).rstrip("/")
+    wait_for_pids("chaos", "chaos", 2)
+    wait_for_pids("chaos", "chaos-gateway", 2)
+
+    def impatient(i):
+        try:
+            with httpx.Client(timeout=0.2) as c:
+                c.post(f"{base}/v1/embeddings", json={"input": ["SLOW:0.6", f"leaving {i}"]})
+        except httpx.TimeoutException:
+            return "left"
+        return "answered"
+
+    with cf.ThreadPoolExecutor(20) as pool:
+        outcomes = list(pool.map(impatient, range(60)))
+    assert outcomes.count("left") >= 40, outcomes
+    counts = settled_counts(chaos)
+    assert sum(c["pending"] for c in counts) == 0
+    views = both_gateways(chaos)
+    assert all(v["in_flight"] == 0 for v in views.values()), views
+    # Full capacity afterwards: 2 replicas x 2 slots run 4 requests at once, none refused.
+    with cf.ThreadPoolExecutor(4) as pool:
+        statuses = list(pool.map(lambda i: honouring_client(base, 1000 + i)[0][-1], range(8)))
+    assert statuses == [200] * 8
