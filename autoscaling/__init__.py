@@ -8,6 +8,7 @@ Public API:
 * :class:`PredictivePolicy`: forecast at the pool's lead time, reactive floor, churn control.
 * :class:`SimConfig`, :func:`simulate`, :func:`prepare`, :func:`load_trace`: the simulator.
 * ``autoscaling.ray_policy.GpuservePolicy``: the Ray Serve adapter (imported by Ray from a config, not here).
+* ``autoscaling.signals``: the names of the load signals replicas report to it (the shared contract).
 
 Nothing here imports Ray at import time; ``ray_default`` calls Ray's own functions when it runs.
 """

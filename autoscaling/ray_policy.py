@@ -25,12 +25,7 @@ from typing import Any, Optional
 
 from autoscaling import _node_requests
 from autoscaling.policy import PolicyContext, make_policy
-
-ARRIVALS = "gpuserve_arrivals_per_s"
-ARRIVALS_TOTAL = "gpuserve_arrivals_total"
-SERVICE = "gpuserve_service_s"
-STARTUP = "gpuserve_startup_s"
-MEMORY_HEADROOM = "gpuserve_memory_headroom_ratio"
+from autoscaling.signals import ARRIVALS, ARRIVALS_TOTAL, MEMORY_HEADROOM, SERVICE, STARTUP
 
 logger = logging.getLogger("ray.serve")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from autoscaling.ray_policy import ARRIVALS, ARRIVALS_TOTAL, MEMORY_HEADROOM, SERVICE, STARTUP
+from autoscaling.signals import ARRIVALS, ARRIVALS_TOTAL, MEMORY_HEADROOM, SERVICE, STARTUP
 
 __all__ = ["LoadSignals", "MEMORY_HEADROOM"]
 

@@ -7,7 +7,8 @@ import pytest
 from pydantic import ValidationError
 
 from autoscaling import _node_requests
-from autoscaling.ray_policy import ARRIVALS, SERVICE, STARTUP, GpuservePolicy
+from autoscaling.ray_policy import GpuservePolicy
+from autoscaling.signals import ARRIVALS, SERVICE, STARTUP
 from serving import ModelDeployment, ModelSource, Resources
 from serving._private.options import GPUSERVE_POLICY, deployment_options
 from serving._private.signals import LoadSignals
@@ -162,7 +163,7 @@ def test_adapter_counts_the_arrivals_between_its_decisions_from_the_replicas_tot
     """The windowed rate lags a change by half its window; the totals give the decision's own interval."""
     from types import SimpleNamespace as TV
 
-    from autoscaling.ray_policy import ARRIVALS_TOTAL
+    from autoscaling.signals import ARRIVALS_TOTAL
 
     pol = GpuservePolicy("hpa", slots_per_replica=4)
 
