@@ -189,9 +189,18 @@ def _container(name: str, opts: RenderOptions, cpus: float, memory: int, gpus: i
     }
 
 
+def _checking_keys_on(spec: ServingSpec, pool: Optional[NodePool]) -> list[ModelDeployment]:
+    """The deployments whose API keys are checked on ``pool``'s nodes (None: the head): their replicas'
+    pool, and the gateways' (:meth:`ServingSpec.gateway_pool`, else the head). Nowhere else gets the Secret."""
+    gw = spec.gateway_pool()
+    here = [] if pool is None else _deployments_on(spec, pool)
+    gateways_here = (gw is None and pool is None) or (gw is not None and pool is not None and gw.name == pool.name)
+    return here + [d for d in spec.deployments if gateways_here and d.queue.gateway and d not in here]
+
+
 def _worker_group(spec: ServingSpec, pool: NodePool, opts: RenderOptions) -> dict[str, Any]:
     inits, w_volumes, w_mounts = _prefetch(spec, pool, opts)
-    env, k_volumes, k_mounts = _api_key_wiring(_deployments_on(spec, pool), opts)
+    env, k_volumes, k_mounts = _api_key_wiring(_checking_keys_on(spec, pool), opts)
     lo, hi = worker_bounds(spec, pool)
     pod: dict[str, Any] = {
         "securityContext": _pod_security(),
@@ -245,7 +254,7 @@ def serve_config(spec: ServingSpec, opts: RenderOptions) -> dict[str, Any]:
             dep["num_replicas"] = o["num_replicas"]
         deps = [dep]
         if d.queue.gateway:
-            g = gateway_options(d)
+            g = gateway_options(d, spec.gateway_pool())
             deps.append({k: g[k] for k in ("name", "num_replicas", "max_ongoing_requests", "max_queued_requests", "backpressure_config", "ray_actor_options")})
         apps.append(
             {
@@ -271,8 +280,9 @@ def render(spec: ServingSpec, opts: RenderOptions) -> list[dict[str, Any]]:
     """The documents, in apply order: RayService, NetworkPolicy, PodMonitor, PrometheusRule."""
     from serving.monitoring import ALERTS, asset_path
 
-    # The admission gateways run on the head (no CPUs reserved, I/O only) and check the API keys there.
-    h_env, h_volumes, h_mounts = _api_key_wiring(spec.deployments, opts)
+    # Without a CPU pool that keeps a node, the admission gateways run on the head (no CPUs reserved,
+    # I/O only) and check the API keys there.
+    h_env, h_volumes, h_mounts = _api_key_wiring(_checking_keys_on(spec, None), opts)
     head_pod = {
         "securityContext": _pod_security(),
         "containers": [

@@ -198,8 +198,18 @@ class ServingSpec(_Spec):
     def pool_of(self, deployment: ModelDeployment) -> NodePool:
         return next(p for p in self.pools if p.name == deployment.resources.node_pool)
 
+    def gateway_pool(self) -> Optional[NodePool]:
+        """Where the admission gateways run: the first CPU pool that keeps a node (``min_nodes`` >= 1).
+
+        None (the head) when no CPU pool keeps one: gateways that waited for the autoscaler to bring
+        a node would hold every request behind them. Give a CPU pool ``min_nodes: 1`` to keep the
+        data plane off the head.
+        """
+        return next((p for p in self.pools if not p.is_gpu and p.min_nodes >= 1), None)
+
     def build(self) -> dict[str, object]:
         """One Ray Serve application per deployment, pinned to its pool, keyed by route prefix."""
         from serving._private.app import build_application
 
-        return {f"/{d.name}": build_application(d, self.pool_of(d)) for d in self.deployments}
+        gw = self.gateway_pool()
+        return {f"/{d.name}": build_application(d, self.pool_of(d), gw) for d in self.deployments}

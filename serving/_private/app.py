@@ -8,11 +8,11 @@ from serving._private.options import deployment_options, gateway_options
 from serving.spec import ModelDeployment
 
 
-def build_application(spec: ModelDeployment, pool: Any = None) -> Any:
+def build_application(spec: ModelDeployment, pool: Any = None, gateway_pool: Any = None) -> Any:
     """Return a bound ``ray.serve.Application`` serving ``spec`` (pinned to ``pool`` if given).
 
     With ``queue.gateway`` (the default) the application's ingress is the admission
-    gateway and the model deployment is reached only through it.
+    gateway (on ``gateway_pool``, else the head) and the model deployment is reached only through it.
     """
     from ray import serve
 
@@ -24,7 +24,7 @@ def build_application(spec: ModelDeployment, pool: Any = None) -> Any:
     from serving._private.gateway import HttpGateway
 
     model = serve.deployment(ModelServer).options(**deployment_options(spec, pool)).bind(init)
-    return serve.deployment(HttpGateway).options(**gateway_options(spec)).bind(init, model)
+    return serve.deployment(HttpGateway).options(**gateway_options(spec, gateway_pool)).bind(init, model)
 
 
 # Scaling fields change how many replicas run, not what a replica does: keep

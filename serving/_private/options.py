@@ -67,13 +67,19 @@ def gateway_name(spec: ModelDeployment) -> str:
     return f"{spec.name}-gateway"
 
 
-def gateway_options(spec: ModelDeployment) -> dict[str, Any]:
-    """Options of the admission gateways: ``queue.gateway_replicas`` replicas on the head, no CPU reserved.
+def gateway_options(spec: ModelDeployment, pool: Optional["NodePool"] = None) -> dict[str, Any]:
+    """Options of the admission gateways: ``queue.gateway_replicas`` replicas, no CPU reserved.
 
-    They only wait on I/O; the head is where the proxies and the controller already run, and
-    keeping them there keeps CPU work off the GPU pools. (Moving them off the head, onto a CPU pool,
-    is still to come: a pool with no standing node would leave them pending.)
+    They only wait on I/O. With a ``pool`` (a CPU pool with a standing node:
+    :meth:`~serving.pools.ServingSpec.gateway_pool`) they select its nodes by label, so losing the head
+    does not take the data plane with it and CPU work stays off the GPU pools. Without one they stay
+    on the head, where the controller runs: a pool that may have no node would leave them pending
+    until the autoscaler brings one (241 s measured), with every request waiting behind them.
     """
+    if pool is not None:
+        place: dict[str, Any] = {"num_cpus": 0, "label_selector": pool.ray_selector}
+    else:
+        place = {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}
     return {
         "name": gateway_name(spec),
         "num_replicas": spec.queue.gateway_replicas,
@@ -84,7 +90,7 @@ def gateway_options(spec: ModelDeployment) -> dict[str, Any]:
         # below what the gateways could admit, or a burst they would admit gets 503s.
         "max_queued_requests": gateway_router_queue(spec),
         "backpressure_config": {"status_code": 503, "retry_after_s": spec.queue.retry_after_s},
-        "ray_actor_options": {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}},
+        "ray_actor_options": place,
         # The proxy already writes an access-log line per request; a second one here costs the
         # rejection path time and says nothing new.
         "logging_config": {"enable_access_log": False},

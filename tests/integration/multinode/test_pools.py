@@ -118,35 +118,40 @@ def test_five_one_gpu_replicas_on_four_gpus_one_waits_and_says_why(pool_cluster,
         exporter.wait(timeout=30)
 
 
-def test_two_gpu_pools_and_a_cpu_ingress_each_in_its_own_pool_only_gateways_on_head(pool_cluster, tiny_lm_dir):
+def test_two_gpu_pools_and_a_cpu_ingress_each_in_its_own_pool_gateways_on_the_standing_cpu_pool(pool_cluster, tiny_lm_dir):
     cluster, base = pool_cluster
+    # The CPU pool keeps a node (min_nodes 1): the admission gateways run there, off the head.
+    pools = [p.model_copy(update={"min_nodes": 1}) if p.name == "cpu" else p for p in POOLS]
     spec = ServingSpec(
         name="mixed",
-        pools=POOLS,
+        pools=pools,
         deployments=[
             deployment("big", tiny_lm_dir, 1, "a100", 1),
             deployment("ingress", tiny_lm_dir, 0, "cpu", 2),
         ],
     )
+    assert spec.gateway_pool().name == "cpu"
     deploy(spec)
     wait_for(
-        lambda: all((r := report_for(n)) and r.counts.get("RUNNING") == c for n, c in (("big", 1), ("ingress", 2))),
-        what="big and ingress RUNNING",
+        lambda: all((r := report_for(n)) and r.counts.get("RUNNING") == c for n, c in (("big", 1), ("ingress", 2), ("big-gateway", 2))),
+        what="big, its gateways and ingress RUNNING",
     )
     nodes = pool_of_node()
     head = cluster.head_node.node_id
-    expected = {"big": "a100", "ingress": "cpu", "gen": "l4"}
+    expected = {"big": "a100", "ingress": "cpu", "gen": "l4", "big-gateway": "cpu", "ingress-gateway": "cpu"}
     for r in status():
         for row in r.replicas:
             if row["node_id"] is None:
                 continue
-            if r.name.endswith("-gateway"):
-                # The admission gateways reserve no CPU and sit with the controller on the head.
-                assert row["node_id"] == head and r.pool is None, f"{r.name} off the head node"
+            if r.name == "gen-gateway":
+                # The previous test's spec: its CPU pool keeps no node, so its gateways stay on the head.
+                assert row["node_id"] == head, f"{r.name} off the head node"
                 continue
             assert row["node_id"] != head, f"{r.name} replica on the head node"
             assert nodes[row["node_id"]] == expected[r.name], f"{r.name} replica outside pool {expected[r.name]}"
     r = httpx.post(f"{base}/ingress/v1/completions", json={"prompt": "Hello", "max_tokens": 3}, timeout=60)
+    assert r.status_code == 200, r.text
+    r = httpx.post(f"{base}/big/v1/completions", json={"prompt": "Hello", "max_tokens": 3}, timeout=60)
     assert r.status_code == 200, r.text
 
 
