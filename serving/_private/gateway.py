@@ -19,13 +19,11 @@ import time
 from collections import OrderedDict
 from typing import Any, AsyncIterator, Callable, Optional
 
-from fastapi import FastAPI
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from serving._private.admission import (
     EXPIRED,
@@ -39,8 +37,9 @@ from serving._private.admission import (
     Ticket,
 )
 from serving._private.auth import KeyCheck
-from serving._private.http import error_response, not_found_response, read_json
+from serving._private.http import error_response, read_json
 from serving._private.metrics import AdmissionMetrics
+from serving._private.surface import OpenAIRoutes, Reply, make_api, stream_response, to_response
 from serving.protocol import PRIORITY_HEADER, QUARANTINED_CODE, REPLICA_DIED_CODE, TIMEOUT_HEADER
 from serving.errors import (
     InvalidRequest,
@@ -76,12 +75,6 @@ QUARANTINE_ENTRIES = 4096
 _GO = "go"
 _EXPIRED = "expired"
 
-gateway_api = FastAPI(title="gpuserve", description="OpenAI-compatible model serving with admission control.")
-
-
-@gateway_api.exception_handler(StarletteHTTPException)
-async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return not_found_response(request, exc)
 
 
 def _states(dep: Any) -> dict[str, int]:
@@ -102,8 +95,8 @@ def _rank(ctx: Any) -> Optional[int]:
     return rank if isinstance(rank, int) else None
 
 
-class Gateway:
-    """The deployment-wide admission queue in front of a model deployment.
+class Gateway(OpenAIRoutes):
+    """The deployment-wide admission queue in front of a model deployment, and its HTTP surface.
 
     Args:
         spec: The ModelDeployment as a JSON-able dict.
@@ -435,15 +428,13 @@ class Gateway:
         stream = isinstance(body, dict) and body.get("stream") is True
         try:
             if stream:
-                gen = self._model.options(stream=True).call_stream.remote(endpoint, body, arrivals)
+                gen = self._model.options(stream=True).reply_stream.remote(endpoint, body, arrivals)
                 ok, head = await self._bounded(gen.__anext__(), until_s)
                 if not ok:
                     gen.cancel()
                     return self._timed_out(ticket)
-                status, headers = head
-                if status != 200:
-                    chunk = await gen.__anext__()
-                    return self._done(ticket, started, Response(chunk, status_code=status, headers=headers))
+                if not head.stream:
+                    return self._done(ticket, started, head)
                 relay = self._relay(gen, ticket, started, until_s)
                 # Started here, so its finally (which frees the slot and counts the outcome) runs however
                 # the stream ends: iterated to the end, closed, or dropped unsent when the client leaves
@@ -451,21 +442,21 @@ class Gateway:
                 try:
                     first = await relay.__anext__()
                 except StopAsyncIteration:
-                    return Response(b"", status_code=status, headers=headers)
+                    first = None
 
-                async def body() -> AsyncIterator[bytes]:
-                    yield first
-                    async for chunk in relay:
-                        yield chunk
+                async def chunks() -> AsyncIterator[Any]:
+                    if first is not None:
+                        yield first
+                        async for chunk in relay:
+                            yield chunk
 
-                return StreamingResponse(body(), status_code=status, headers=headers)
-            call = self._model.call.remote(endpoint, body, arrivals)
-            ok, result = await self._bounded(call, until_s)
+                return stream_response(head, chunks())
+            call = self._model.reply.remote(endpoint, body, arrivals)
+            ok, reply = await self._bounded(call, until_s)
             if not ok:
                 call.cancel()
                 return self._timed_out(ticket)
-            status, headers, payload = result
-            return self._done(ticket, started, Response(payload, status_code=status, headers=headers))
+            return self._done(ticket, started, reply)
         except (ActorUnavailableError, BackPressureError) as e:
             # Ray could not deliver it (the replica is going away or momentarily unreachable): the
             # request never ran, so it is handed back to the head of its class, not failed.
@@ -507,15 +498,15 @@ class Gateway:
         self._pump()
         self._answered(outcome, reason)
 
-    def _done(self, ticket: Ticket, started_s: float, resp: Response) -> Response:
-        if resp.status_code < 400:
+    def _done(self, ticket: Ticket, started_s: float, reply: Reply) -> Response:
+        if reply.ok:
             self._settle(ticket, SERVED, "ok", time.monotonic() - started_s)
         else:
             # The model refused the request (e.g. input too long for the model): answered, not served.
-            self._settle(ticket, FAILED, f"http_{resp.status_code}", time.monotonic() - started_s)
-        return resp
+            self._settle(ticket, FAILED, f"http_{reply.status}", time.monotonic() - started_s)
+        return to_response(reply)
 
-    async def _relay(self, gen: Any, ticket: Ticket, started_s: float, until_s: float) -> AsyncIterator[bytes]:
+    async def _relay(self, gen: Any, ticket: Ticket, started_s: float, until_s: float) -> AsyncIterator[Any]:
         ok = expired = False
         try:
             while True:
@@ -532,7 +523,7 @@ class Gateway:
         except Exception as e:  # noqa: BLE001 - the status line is sent; report in-band, as the replica does
             if not expired:
                 logger.error("gpuserve: stream from the replica failed", exc_info=e)
-            yield b"data: " + json.dumps(error_body(e)).encode() + b"\n\n"
+            yield error_body(e)
         finally:
             # The slot is busy for the whole stream; a client that leaves mid-stream stops it.
             if not ok:
@@ -544,42 +535,23 @@ class Gateway:
             else:
                 self._settle(ticket, SERVED, "ok", time.monotonic() - started_s)
 
-    # -- routes --------------------------------------------------------------------
+    # -- routes (the surface's hooks; ROUTES in serving._private.surface) ----------
 
-    @gateway_api.post("/v1/embeddings")
-    async def embeddings(self, request: Request) -> Response:
-        """OpenAI embeddings, admitted through the queue."""
-        return await self._admit_and_forward("embeddings", request)
+    async def _endpoint(self, endpoint: str, request: Request) -> Response:
+        return await self._admit_and_forward(endpoint, request)
 
-    @gateway_api.post("/v1/completions")
-    async def completions(self, request: Request) -> Response:
-        """OpenAI completions (``stream: true`` for server-sent events), admitted through the queue."""
-        return await self._admit_and_forward("completions", request)
-
-    async def _forward_get(self, route: str, request: Request) -> Response:
+    async def _get(self, route: str, request: Request) -> Response:
+        """``GET /health`` and ``/v1/models``, answered by a model replica."""
         try:
             if route != "health":
                 self._check_auth(request)
-            status, headers, payload = await asyncio.wait_for(
-                self._model.call_get.remote(route), timeout=FORWARD_TIMEOUT_S
-            )
+            reply = await asyncio.wait_for(self._model.info.remote(route), timeout=FORWARD_TIMEOUT_S)
         except (asyncio.TimeoutError, RayActorError):
             return error_response(ModelNotReady("no replica answered; the model is not ready", code="model_not_ready"))
         except Unauthorized as e:
             return error_response(e)
-        return Response(payload, status_code=status, headers=headers)
+        return to_response(reply)
 
-    @gateway_api.get("/v1/models")
-    async def models(self, request: Request) -> Response:
-        """The one model this deployment serves."""
-        return await self._forward_get("models", request)
-
-    @gateway_api.get("/health")
-    async def health(self, request: Request) -> Response:
-        """Readiness of a model replica (forwarded)."""
-        return await self._forward_get("health", request)
-
-    @gateway_api.get("/admission")
     async def admission(self, request: Request) -> Response:
         """The queue, its counters and the drain estimate (JSON)."""
         try:
@@ -608,5 +580,7 @@ class Gateway:
 
 
 
-# The gateway as the application's HTTP ingress.
-HttpGateway = serve.ingress(gateway_api)(Gateway)
+# The gateway as the application's HTTP ingress: the OpenAI surface, and /admission.
+HttpGateway = serve.ingress(
+    make_api(Gateway, "OpenAI-compatible model serving with admission control.", {"/admission": "admission"})
+)(Gateway)

@@ -65,12 +65,16 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         raise InvalidRequest(f"request body is not valid JSON: {e}", code="invalid_json") from None
 
 
+def log_internal(exc: BaseException) -> None:
+    """Log an exception that answers 5xx (a fault of the platform), with its traceback."""
+    if http_status_for(exc) >= 500:
+        logger.error("gpuserve: internal error while serving a request", exc_info=exc)
+
+
 def error_response(exc: BaseException) -> JSONResponse:
     """Render any exception as an OpenAI-shaped JSON error response."""
-    status = http_status_for(exc)
-    if status >= 500:
-        logger.error("gpuserve: internal error while serving a request", exc_info=exc)
-    return JSONResponse(error_body(exc), status_code=status, headers=http_headers_for(exc))
+    log_internal(exc)
+    return JSONResponse(error_body(exc), status_code=http_status_for(exc), headers=http_headers_for(exc))
 
 
 def not_found_response(request: Request, exc: Any) -> JSONResponse:

@@ -16,37 +16,26 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response
 
 from serving._private.auth import KeyCheck
-from serving._private.http import error_response, not_found_response, read_json
+from serving._private.http import read_json
 from serving._private.memory import free_cache_for, memory_budget_bytes, probe_for
 from serving._private.oom import BatchRunner, MemoryModel, Outcome
 from serving._private.metrics import record_lifecycle, record_oom, start_gpu_metrics
 from serving._private.registry import resolve_task
 from serving._private.signals import MEMORY_HEADROOM, LoadSignals
+from serving._private.surface import OpenAIRoutes, Reply, make_api, respond, to_response
 from serving._private.warmup import WarmupReport, derive_stall_after_s, plan_shapes, run_warmup
 from serving._private.watchdog import StallWatchdog
-from serving.protocol import REPLICA_HEADER, SERVICE_HEADER
-from serving.errors import ModelNotReady, NotFound, Unauthorized, error_body
+from serving.errors import ModelNotReady, NotFound, error_body
 from serving.gpu import GpuTelemetry
 from serving.spec import ModelDeployment
 
 # Serve writes the "ray.serve" logger into each replica's own log file, with the replica id.
 logger = logging.getLogger("ray.serve")
-
-# Response header naming the replica that answered (debugging, tests, benchmarks).
-
-api = FastAPI(title="gpuserve", description="OpenAI-compatible model serving on Ray Serve.")
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return not_found_response(request, exc)
 
 
 def _replica_id() -> str:
@@ -65,13 +54,10 @@ def _node_id() -> "str | None":
         return None
 
 
-def _plain_headers(resp: Response) -> dict[str, str]:
-    # The gateway's response sets its own length.
-    return {k: v for k, v in resp.headers.items() if k != "content-length"}
-
-
-class ModelServer:
-    """One replica: a loaded, warmed task behind ``/v1/*``.
+class ModelServer(OpenAIRoutes):
+    """One replica: a loaded, warmed task. Behind the gateway it is a handle target that answers in
+    plain data (:meth:`reply`, :meth:`reply_stream`, :meth:`info`); with ``queue.gateway`` off it is
+    also the HTTP ingress, through the same surface (``serving._private.surface``).
 
     Args:
         spec: The ModelDeployment as a JSON-able dict (it crosses process boundaries).
@@ -177,7 +163,8 @@ class ModelServer:
         finally:
             self.watchdog.finished(time.monotonic())
 
-    async def _sse(self, item: Any, t0: float) -> AsyncIterator[bytes]:
+    async def _chunks(self, item: Any, t0: float) -> AsyncIterator[Any]:
+        """A streamed request's JSON chunks; an error once streaming has begun is the last chunk."""
         cancel = threading.Event()
         gen = self.task.stream(item, cancel)
         done = object()
@@ -190,115 +177,78 @@ class ModelServer:
                 # A streamed chunk is progress: a long stream is not a stall.
                 self.watchdog.finished(time.monotonic())
                 self.watchdog.started(time.monotonic())
-                yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
+                yield chunk
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - the status line is sent; report in-band
             logger.error("gpuserve: stream failed", exc_info=e)
-            yield b"data: " + json.dumps(error_body(e)).encode() + b"\n\n"
+            yield error_body(e)
         finally:
             # Client gone or stream over: stop generating either way.
             cancel.set()
             self.watchdog.finished(time.monotonic())
             self.signals.served(time.monotonic(), time.monotonic() - t0)
-        yield b"data: [DONE]\n\n"
 
     def _check_auth(self, request: Request) -> None:
         self._check_key(request.headers)
 
-    async def _answer(self, endpoint: str, body: Any, arrivals: int = 1) -> Response:
-        """Serve one parsed request body; every error leaves as an OpenAI error response."""
+    async def _start(self, endpoint: str, body: Any, arrivals: int) -> tuple[Any, float]:
+        """Parse a request body for this task and count its arrival; (item, start time)."""
+        if endpoint not in self.task.endpoints:
+            raise NotFound(
+                f"/v1/{endpoint} is not served by this deployment (task {self.spec.task!r} serves "
+                f"{', '.join('/v1/' + e for e in sorted(self.task.endpoints))})",
+                code="not_found",
+            )
+        item = self.task.parse(endpoint, body)
+        t0 = time.monotonic()
+        self.signals.arrival(t0, arrivals)
+        return item, t0
+
+    async def _finish(self, item: Any, t0: float) -> Reply:
         try:
-            if endpoint not in self.task.endpoints:
-                raise NotFound(
-                    f"/v1/{endpoint} is not served by this deployment (task {self.spec.task!r} serves "
-                    f"{', '.join('/v1/' + e for e in sorted(self.task.endpoints))})",
-                    code="not_found",
-                )
-            item = self.task.parse(endpoint, body)
-            t0 = time.monotonic()
-            self.signals.arrival(t0, arrivals)
-            if self.task.wants_stream(item):
-                resp: Response = StreamingResponse(self._sse(item, t0), media_type="text/event-stream")
-            else:
-                resp = JSONResponse(await self._run(item))
-                done = time.monotonic()
-                self.signals.served(done, done - t0)
-                resp.headers[SERVICE_HEADER] = str(round((done - t0) * 1000.0))
+            result = await self._run(item)
         except Exception as e:  # noqa: BLE001 - every error leaves as an OpenAI error body
-            resp = error_response(e)
-        resp.headers[REPLICA_HEADER] = self.replica_id
-        return resp
+            return Reply.failure(e, self.replica_id)
+        done = time.monotonic()
+        self.signals.served(done, done - t0)
+        return Reply(result, replica=self.replica_id, service_ms=round((done - t0) * 1000.0))
 
-    async def _serve_endpoint(self, endpoint: str, request: Request) -> Response:
-        # Direct HTTP (queue.gateway off): this replica is the ingress.
+    # -- the gateway's calls (DeploymentHandle, not HTTP): plain data -------------
+
+    async def reply(self, endpoint: str, body: Any, arrivals: int = 1) -> Reply:
+        """Serve a parsed request body (not streamed); ``arrivals`` is how many requests it stands for."""
         try:
-            # Before the body is read: an unauthenticated client costs no parsing.
-            self._check_auth(request)
-            body = await read_json(request, self.spec.queue.max_request_body_bytes)
-        except Exception as e:  # noqa: BLE001
-            resp = error_response(e)
-            resp.headers[REPLICA_HEADER] = self.replica_id
-            return resp
-        return await self._answer(endpoint, body)
+            item, t0 = await self._start(endpoint, body, arrivals)
+        except Exception as e:  # noqa: BLE001 - every error leaves as an OpenAI error body
+            return Reply.failure(e, self.replica_id)
+        return await self._finish(item, t0)
 
-    # -- the gateway's calls (DeploymentHandle, not HTTP) ------------------------
-
-    async def call(self, endpoint: str, body: Any, arrivals: int = 1) -> tuple[int, dict[str, str], bytes]:
-        """Serve a request the gateway admitted; returns status, headers and the JSON body."""
-        resp = await self._answer(endpoint, body, arrivals)
-        return resp.status_code, _plain_headers(resp), bytes(resp.body)
-
-    async def call_stream(self, endpoint: str, body: Any, arrivals: int = 1) -> AsyncIterator[Any]:
-        """Like ``call`` for a streaming request: yields (status, headers) first, then the body's chunks."""
-        resp = await self._answer(endpoint, body, arrivals)
-        yield resp.status_code, _plain_headers(resp)
-        if isinstance(resp, StreamingResponse):
-            async for chunk in resp.body_iterator:
-                yield chunk
-        else:
-            yield bytes(resp.body)
-
-    async def call_get(self, route: str) -> tuple[int, dict[str, str], bytes]:
-        """The gateway's forward of ``GET /health`` or ``GET /v1/models`` (auth already checked)."""
-        resp = await (self.health() if route == "health" else self._models_reply())
-        return resp.status_code, _plain_headers(resp), bytes(resp.body)
-
-    # -- routes ----------------------------------------------------------------
-
-    @api.post("/v1/embeddings")
-    async def embeddings(self, request: Request) -> Response:
-        """OpenAI embeddings."""
-        return await self._serve_endpoint("embeddings", request)
-
-    @api.post("/v1/completions")
-    async def completions(self, request: Request) -> Response:
-        """OpenAI completions (``stream: true`` for server-sent events)."""
-        return await self._serve_endpoint("completions", request)
-
-    @api.get("/v1/models")
-    async def models(self, request: Request) -> Response:
-        """The one model this deployment serves."""
+    async def reply_stream(self, endpoint: str, body: Any, arrivals: int = 1) -> AsyncIterator[Any]:
+        """Serve a request that may stream: a :class:`Reply` first (``stream`` set when chunks follow),
+        then its JSON chunks."""
         try:
-            self._check_auth(request)
-        except Unauthorized as e:
-            return error_response(e)
-        return await self._models_reply()
+            item, t0 = await self._start(endpoint, body, arrivals)
+        except Exception as e:  # noqa: BLE001 - every error leaves as an OpenAI error body
+            yield Reply.failure(e, self.replica_id)
+            return
+        if not self.task.wants_stream(item):
+            yield await self._finish(item, t0)
+            return
+        yield Reply(None, replica=self.replica_id, stream=True)
+        async for chunk in self._chunks(item, t0):
+            yield chunk
 
-    async def _models_reply(self) -> Response:
-        model = {"id": self.spec.served_name, "object": "model", "created": int(self.ready_at_s), "owned_by": "gpuserve"}
-        return JSONResponse({"object": "list", "data": [model]})
-
-    @api.get("/health")
-    async def health(self) -> Response:
-        """Readiness: 200 with load and warm-up facts while the model serves, 503 otherwise."""
+    async def info(self, route: str) -> Reply:
+        """``health`` (readiness, with load and warm-up facts) or ``models`` (the model served)."""
+        if route == "models":
+            model = {"id": self.spec.served_name, "object": "model", "created": int(self.ready_at_s), "owned_by": "gpuserve"}
+            return Reply({"object": "list", "data": [model]}, replica=self.replica_id)
         try:
             self.check_health()
         except Exception as e:  # noqa: BLE001
-            resp = error_response(ModelNotReady(f"model is not ready: {e}", code="model_not_ready"))
-            resp.headers[REPLICA_HEADER] = self.replica_id
-            return resp
-        return JSONResponse(
+            return Reply.failure(ModelNotReady(f"model is not ready: {e}", code="model_not_ready"), self.replica_id)
+        return Reply(
             {
                 "status": "ready",
                 "replica": self.replica_id,
@@ -316,8 +266,27 @@ class ModelServer:
                     "gpu": self.gpu.snapshot() if self.task.device == "cuda" else None,
                 },
             },
-            headers={REPLICA_HEADER: self.replica_id},
+            replica=self.replica_id,
         )
+
+    # -- direct HTTP (queue.gateway off: this replica is the ingress) -------------
+
+    async def _endpoint(self, endpoint: str, request: Request) -> Response:
+        try:
+            # Before the body is read: an unauthenticated client costs no parsing.
+            self._check_auth(request)
+            body = await read_json(request, self.spec.queue.max_request_body_bytes)
+        except Exception as e:  # noqa: BLE001
+            return to_response(Reply.failure(e, self.replica_id))
+        return await respond(self.reply_stream(endpoint, body))
+
+    async def _get(self, route: str, request: Request) -> Response:
+        if route != "health":
+            try:
+                self._check_auth(request)
+            except Exception as e:  # noqa: BLE001
+                return to_response(Reply.failure(e, self.replica_id))
+        return to_response(await self.info(route))
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve calls this on every metrics push; the values reach the policy as custom metrics."""
@@ -343,4 +312,4 @@ class ModelServer:
 
 # The replica as the application's own HTTP ingress (queue.gateway off). Behind the gateway the
 # plain class serves: an application has one FastAPI ingress, and the gateway is it.
-HttpModelServer = serve.ingress(api)(ModelServer)
+HttpModelServer = serve.ingress(make_api(ModelServer, "OpenAI-compatible model serving on Ray Serve."))(ModelServer)

@@ -11,6 +11,7 @@ from starlette.requests import Request
 
 from serving import BatchingSpec, ModelDeployment, ModelSource, QueueSpec
 from serving._private.gateway import Gateway
+from serving._private.surface import Reply
 
 SPEC = ModelDeployment(
     name="m",
@@ -53,7 +54,7 @@ class Model:
         self.script, self.calls, self.cancelled = list(script), 0, 0
 
     @property
-    def call(self):
+    def reply(self):
         model = self
 
         class Remote:
@@ -68,7 +69,7 @@ class Model:
         if isinstance(step, BaseException):
             raise step
         await asyncio.sleep(step)
-        return 200, {"content-type": "application/json"}, b'{"object": "list"}'
+        return Reply({"object": "list"})
 
 
 def gateway(model):
@@ -213,7 +214,7 @@ class GatedModel(Model):
             await step()
         else:
             await asyncio.sleep(step)
-        return 200, {"content-type": "application/json"}, b'{"object": "list"}'
+        return Reply({"object": "list"})
 
 
 def test_a_queued_client_leaving_in_the_same_tick_as_a_completion_leaks_nothing():
@@ -401,7 +402,7 @@ def test_two_gateways_enforce_one_deployment_wide_bound_and_slot_count():
                 await asyncio.sleep(0.3)
             finally:
                 Counting.running -= 1
-            return 200, {"content-type": "application/json"}, b'{"object": "list"}'
+            return Reply({"object": "list"})
 
     async def main():
         model = Counting()

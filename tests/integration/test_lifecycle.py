@@ -16,7 +16,7 @@ from tests.integration.stall_task import STALL_TEXT
 
 REPLICA = "x-gpuserve-replica"
 # Serve's access-log line for a request the admission gateway passed to a model replica.
-SERVED_LINE = "CALL call OK"
+SERVED_LINE = "CALL reply OK"
 
 
 def replica_log(deployment_app: str, deployment: str, replica: str) -> list[str]:
