@@ -244,11 +244,19 @@ def two_proxies(args, body, offered, capacity, max_queued, seconds, client_timeo
 
     port, worker_port = free_port(), free_port()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
-    cluster.add_node(num_cpus=4, env_vars={"RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(worker_port)})
+    cluster.add_node(num_cpus=4, resources={"second_node": 1}, env_vars={"RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(worker_port)})
     ray.init(address=cluster.address, log_to_driver=False)
     out = {}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="EveryNode")
+        # Serve starts a node's proxy only once a replica runs there: an idle anchor keeps the second one up
+        # whichever node the measured replicas land on.
+        @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0, "resources": {"second_node": 0.01}})
+        class Anchor:
+            async def __call__(self, request):
+                return "anchor"
+
+        serve.run(Anchor.bind(), name="anchor", route_prefix="/anchor")
         proxies = [f"http://127.0.0.1:{p}" for p in (port, worker_port)]
         for name, deploy, prefix in (
             ("stock_bounded", lambda: deploy_stock(args, max_queued=max_queued), "/stock"),
@@ -256,12 +264,15 @@ def two_proxies(args, body, offered, capacity, max_queued, seconds, client_timeo
         ):
             deploy()
             urls = [p + prefix + "/v1/embeddings" for p in proxies]
-            # Both proxies must route the app before the phase starts.
+            # Both proxies must route the app before the phase starts, or the arm measures one proxy.
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                with contextlib.suppress(Exception):
+            while True:
+                try:
                     if all(asyncio.run(closed_loop(u, body, 1, 0.5)) > 0 for u in urls):
                         break
+                except Exception as e:  # noqa: BLE001 - a proxy still starting refuses connections
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"two proxies: {urls} do not all answer: {e!r}") from e
                 time.sleep(0.5)
             res, sent_s = asyncio.run(open_loop(urls, body, {"all": (offered, {})}, seconds, client_timeout_s, args.seed))
             out[name] = summarise(res["all"], seconds, sent_s, offered, capacity, args.slo_s)
