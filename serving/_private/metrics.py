@@ -169,13 +169,29 @@ class AdmissionMetrics:
             "gpuserve_capacity_requests", "Requests the running replicas take at once.", ("deployment",)
         )
 
+        # Counted here and handed to Ray's metrics at each poll (0.5 s, far inside any scrape interval):
+        # one Ray metric record per request cost about 8 % of a gateway's CPU at saturation (profiled).
+        self._received = 0
+        self._answered: dict[tuple[str, str], int] = {}
+
     def arrived(self) -> None:
-        self.received.inc(1, self._tags)
+        self._received += 1
 
     def answered(self, outcome: str, reason: str) -> None:
-        self.outcomes.inc(1, {**self._tags, "outcome": outcome, "reason": reason})
+        key = (outcome, reason)
+        self._answered[key] = self._answered.get(key, 0) + 1
+
+    def flush(self) -> None:
+        """Hand the counts since the last flush to Ray's metrics."""
+        if self._received:
+            n, self._received = self._received, 0
+            self.received.inc(n, self._tags)
+        answered, self._answered = self._answered, {}
+        for (outcome, reason), n in answered.items():
+            self.outcomes.inc(n, {**self._tags, "outcome": outcome, "reason": reason})
 
     def gauges(self, queued_by_class: dict[str, int], in_flight: int, capacity: int) -> None:
+        self.flush()
         # Set every poll: Ray drops a gauge value that is not set again within tens of seconds.
         for name, n in queued_by_class.items():
             self.queued.set(n, {**self._tags, "priority": name})
