@@ -2,7 +2,9 @@
 
 ``make_tiny_causal_lm`` writes a small, randomly initialised causal LM and its
 tokenizer to a directory with ``save_pretrained``, so tests and examples load
-it through the same ``from_pretrained`` path a real model takes.
+it through the same ``from_pretrained`` path a real model takes. ``process_pids``,
+``replica_pids`` and ``honouring_post`` are for fault tests: find a replica's
+process to kill, and send like a client that honours Retry-After.
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ if TYPE_CHECKING:
     from serving._private.autoscaling_cluster import AutoscalingCluster
     from serving.pools import NodePool
 
-__all__ = ["autoscaling_cluster", "free_port", "local_cluster", "make_tiny_causal_lm"]
+__all__ = [
+    "autoscaling_cluster",
+    "free_port",
+    "honouring_post",
+    "local_cluster",
+    "make_tiny_causal_lm",
+    "process_pids",
+    "replica_pids",
+]
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -33,6 +43,63 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def process_pids(title: bytes) -> list[int]:
+    """PIDs of this machine's processes titled exactly ``title`` (Ray titles an actor's worker
+    ``ray::<actor class>``, e.g. ``ray::ServeController``)."""
+    import os
+
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    # Exactly the title: "<app>-gateway" replicas share the model's prefix.
+                    if f.read().split(b"\0")[0].strip() == title:
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def replica_pids(app: str, deployment: Optional[str] = None) -> list[int]:
+    """PIDs of a Serve deployment's replicas on this machine (default: the deployment named like the app)."""
+    return process_pids(f"ray::ServeReplica:{app}:{deployment or app}".encode())
+
+
+def honouring_post(
+    url: str, body: object, deadline_s: float = 60.0, codes: Optional[list] = None
+) -> tuple[list[int], bool, float]:
+    """POST until a final answer, waiting as each 429/503's Retry-After asks, for at most ``deadline_s``.
+
+    Returns:
+        The statuses seen in order (the last is the final answer, or a 429/503 when the deadline
+        passed), whether every 429/503 carried Retry-After, and the seconds to the last answer. The
+        error codes of the 503s are appended to ``codes``.
+    """
+    import time
+
+    import httpx
+
+    seen: list[int] = []
+    told = True
+    start = time.monotonic()
+    with httpx.Client(timeout=deadline_s) as c:
+        while True:
+            r = c.post(url, json=body)
+            seen.append(r.status_code)
+            if r.status_code not in (429, 503):
+                break
+            if r.status_code == 503 and codes is not None:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    codes.append(r.json()["error"]["code"])
+            after = r.headers.get("retry-after")
+            told = told and after is not None
+            if time.monotonic() - start > deadline_s:
+                break
+            time.sleep(float(after or 1.0))
+    return seen, told, time.monotonic() - start
 
 
 def make_tiny_causal_lm(

@@ -14,6 +14,7 @@ import pytest
 
 from serving import BatchingSpec, ModelDeployment, ModelSource, QueueSpec, WarmupSpec
 from serving.protocol import GATEWAY_LOST_CODE
+from serving.testing import honouring_post, process_pids, replica_pids
 from tests.conftest import MINILM
 
 DEADLINE_S = 60.0
@@ -32,43 +33,9 @@ def spec():
 
 
 def honouring_client(base: str, i: int, codes: list | None = None) -> tuple[list[int], bool]:
-    """POST until a final answer, waiting as any 429/503 with Retry-After asks; (statuses seen, every
-    retryable one carried Retry-After). The error codes of the 503s go to ``codes``."""
-    seen, told = [], True
-    start = time.monotonic()
-    with httpx.Client(timeout=DEADLINE_S) as c:
-        while True:
-            r = c.post(f"{base}/v1/embeddings", json={"input": ["SLOW:0.3", f"request {i}"]})
-            seen.append(r.status_code)
-            if r.status_code not in (429, 503):
-                return seen, told
-            if r.status_code == 503 and codes is not None:
-                codes.append(r.json()["error"]["code"])
-            after = r.headers.get("retry-after")
-            told = told and after is not None
-            if time.monotonic() - start > DEADLINE_S:
-                return seen, told
-            time.sleep(float(after or 1.0))
-
-
-def process_pids(title: bytes) -> list[int]:
-    """PIDs of the processes titled exactly ``title``: Ray titles an actor's worker ``ray::<actor class>``."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    # Exactly the title: "<app>-gateway" replicas share the model's prefix.
-                    if f.read().split(b"\0")[0].strip() == title:
-                        pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
-
-
-def replica_pids(app: str, deployment: str | None = None) -> list[int]:
-    """PIDs of a deployment's replicas (default: the model's)."""
-    return process_pids(f"ray::ServeReplica:{app}:{deployment or app}".encode())
+    """A client that honours Retry-After: (statuses seen, every retryable one carried Retry-After)."""
+    seen, told, _ = honouring_post(f"{base}/v1/embeddings", {"input": ["SLOW:0.3", f"request {i}"]}, DEADLINE_S, codes)
+    return seen, told
 
 
 def wait_for_pids(app: str, deployment: str, n: int, timeout_s: float = 120.0) -> list[int]:
