@@ -39,26 +39,6 @@ def pct(values, q):
     return round(v[min(len(v) - 1, int(q * len(v)))], 3)
 
 
-def wait_until_whole(app, replicas, gateways, timeout_s=180.0):
-    """Until every replica and gateway process is up and the app is RUNNING (after a fault's restart)."""
-    from ray import serve
-
-    from serving.testing import replica_pids
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = serve.status().applications.get(app)
-        if (
-            len(replica_pids(app)) == replicas
-            and len(replica_pids(app, f"{app}-gateway")) == gateways
-            and status is not None
-            and status.status == "RUNNING"
-        ):
-            return
-        time.sleep(0.5)
-    raise RuntimeError(f"{app} did not come back whole within {timeout_s} s")
-
-
 def fault(name, app, hang_s):
     """Inject one fault; returns what was done."""
     from serving.testing import process_pids, replica_pids
@@ -144,7 +124,7 @@ def main(argv=None) -> int:
 
     from serving import BatchingSpec, ModelDeployment, ModelSource, QueueSpec, WarmupSpec
     from serving.protocol import PROXY_ENV
-    from serving.testing import free_port
+    from serving.testing import free_port, wait_for_replicas
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # As `gpuserve run` does: the proxies load gpuserve's middleware.
@@ -181,7 +161,9 @@ def main(argv=None) -> int:
         serve.run(spec.build(), name="chaos", route_prefix="/chaos")
         url = f"http://127.0.0.1:{port}/chaos/v1/embeddings"
         for name in args.scenarios.split(","):
-            wait_until_whole("chaos", replicas, gateways)
+            # Whole again after the previous scenario's fault (Serve restarts what was killed).
+            wait_for_replicas("chaos", "chaos", replicas, 180.0)
+            wait_for_replicas("chaos", "chaos-gateway", gateways, 180.0)
             out["scenarios"][name] = scenario(name, url, args, rate)
             print(name, json.dumps(out["scenarios"][name]), file=sys.stderr)
     finally:

@@ -26,6 +26,7 @@ __all__ = [
     "make_tiny_causal_lm",
     "process_pids",
     "replica_pids",
+    "wait_for_replicas",
 ]
 
 _CORPUS = [
@@ -66,6 +67,27 @@ def process_pids(title: bytes) -> list[int]:
 def replica_pids(app: str, deployment: Optional[str] = None) -> list[int]:
     """PIDs of a Serve deployment's replicas on this machine (default: the deployment named like the app)."""
     return process_pids(f"ray::ServeReplica:{app}:{deployment or app}".encode())
+
+
+def wait_for_replicas(app: str, deployment: str, n: int, timeout_s: float = 120.0) -> list[int]:
+    """Wait until ``n`` replicas of the deployment have live processes here and the app is RUNNING
+    (after a fault, Serve's restart); returns their PIDs.
+
+    Raises:
+        TimeoutError: not whole again within ``timeout_s``.
+    """
+    import time
+
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pids = replica_pids(app, deployment)
+        status = serve.status().applications.get(app)
+        if len(pids) == n and status is not None and status.status == "RUNNING":
+            return pids
+        time.sleep(0.5)
+    raise TimeoutError(f"{app}/{deployment}: {replica_pids(app, deployment)} running after {timeout_s} s, wanted {n}")
 
 
 def honouring_post(

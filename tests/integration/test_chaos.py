@@ -14,7 +14,7 @@ import pytest
 
 from serving import BatchingSpec, ModelDeployment, ModelSource, QueueSpec, WarmupSpec
 from serving.protocol import GATEWAY_LOST_CODE
-from serving.testing import honouring_post, process_pids, replica_pids
+from serving.testing import honouring_post, process_pids, wait_for_replicas
 from tests.conftest import MINILM
 
 DEADLINE_S = 60.0
@@ -36,20 +36,6 @@ def honouring_client(base: str, i: int, codes: list | None = None) -> tuple[list
     """A client that honours Retry-After: (statuses seen, every retryable one carried Retry-After)."""
     seen, told, _ = honouring_post(f"{base}/v1/embeddings", {"input": ["SLOW:0.3", f"request {i}"]}, DEADLINE_S, codes)
     return seen, told
-
-
-def wait_for_pids(app: str, deployment: str, n: int, timeout_s: float = 120.0) -> list[int]:
-    """Wait until ``n`` replicas of the deployment have live processes and the app is RUNNING again."""
-    from ray import serve
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        pids = replica_pids(app, deployment)
-        status = serve.status().applications.get(app)
-        if len(pids) == n and status is not None and status.status == "RUNNING":
-            return pids
-        time.sleep(0.5)
-    raise AssertionError(f"{deployment}: {replica_pids(app, deployment)} after {timeout_s} s")
 
 
 def both_gateways(client: httpx.Client) -> dict[int, dict]:
@@ -103,7 +89,7 @@ def chaos(deploy, serve_instance):
 
 def test_a_model_replica_killed_under_load_costs_no_hard_error(chaos):
     base = str(chaos.base_url).rstrip("/")
-    pids = wait_for_pids("chaos", "chaos", 2)
+    pids = wait_for_replicas("chaos", "chaos", 2)
     every = kill_under_load(base, pids[0])
     # The kill was felt: the requests on the dead replica were answered 503 replica_died, not lost.
     assert 503 in every
@@ -116,14 +102,14 @@ def test_a_gateway_killed_under_load_costs_no_hard_error(chaos):
     500; gpuserve's proxy middleware answers 503 gateway_lost with Retry-After, the client comes back,
     and the other gateway (or the restarted one) serves it."""
     base = str(chaos.base_url).rstrip("/")
-    wait_for_pids("chaos", "chaos", 2)
-    gateways = wait_for_pids("chaos", "chaos-gateway", 2)
+    wait_for_replicas("chaos", "chaos", 2)
+    gateways = wait_for_replicas("chaos", "chaos-gateway", 2)
     codes: list = []
     kill_under_load(base, gateways[0], codes)
     # The kill was felt: the requests the dead gateway held were answered 503 gateway_lost, not 500.
     assert GATEWAY_LOST_CODE in codes, codes
     # Serve restarts the gateway; each gateway's counters (the new one's from its start) reconcile.
-    wait_for_pids("chaos", "chaos-gateway", 2)
+    wait_for_replicas("chaos", "chaos-gateway", 2)
     settled_counts(chaos)
 
 
@@ -133,8 +119,8 @@ def test_a_hung_serve_controller_stops_nothing(chaos):
     every request is still answered (200, or 429/503 with Retry-After, then 200); nothing waits for the
     controller."""
     base = str(chaos.base_url).rstrip("/")
-    wait_for_pids("chaos", "chaos", 2)
-    wait_for_pids("chaos", "chaos-gateway", 2)
+    wait_for_replicas("chaos", "chaos", 2)
+    wait_for_replicas("chaos", "chaos-gateway", 2)
     (controller,) = process_pids(b"ray::ServeController")
     results: list = []
     try:
@@ -164,8 +150,8 @@ def test_clients_that_leave_mid_request_leak_no_slot(chaos):
     gateway settles every one of them (counters reconcile, nothing pending, no slot held), and the
     deployment then serves at full capacity."""
     base = str(chaos.base_url).rstrip("/")
-    wait_for_pids("chaos", "chaos", 2)
-    wait_for_pids("chaos", "chaos-gateway", 2)
+    wait_for_replicas("chaos", "chaos", 2)
+    wait_for_replicas("chaos", "chaos-gateway", 2)
 
     def impatient(i):
         try:
