@@ -13,10 +13,39 @@ Public API:
 Nothing here imports Ray at import time; ``ray_default`` calls Ray's own functions when it runs.
 """
 
-from autoscaling.policy import Decision, Guardrail, PolicyContext, make_policy, policy_names
-from autoscaling.predictive import PredictivePolicy
-from autoscaling.simulator import SimConfig, SimResult, prepare, simulate
-from autoscaling.traces import load_trace
+from importlib import import_module
+
+# Each public name and the module that defines it. Loaded on first use, so that importing a light
+# submodule (``autoscaling.signals``, which a client reaches through ``serving.protocol``) does not
+# load the simulator and numpy.
+_EXPORTS = {
+    "Decision": "autoscaling.policy",
+    "Guardrail": "autoscaling.policy",
+    "PolicyContext": "autoscaling.policy",
+    "make_policy": "autoscaling.policy",
+    "policy_names": "autoscaling.policy",
+    "PredictivePolicy": "autoscaling.predictive",
+    "SimConfig": "autoscaling.simulator",
+    "SimResult": "autoscaling.simulator",
+    "prepare": "autoscaling.simulator",
+    "simulate": "autoscaling.simulator",
+    "load_trace": "autoscaling.traces",
+}
+
+
+def __getattr__(name: str):
+    try:
+        module = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module 'autoscaling' has no attribute {name!r}") from None
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "Decision",

@@ -1,14 +1,27 @@
-"""The wire contract between gpuserve's servers and its clients: header names and error codes.
+"""The contract between gpuserve's processes and whatever reads them: header, error-code, environment and metric names.
 
 One public place for the names both sides must agree on, so a client needs none of the server's
-modules (and none of Ray) to speak to a deployment. The environment a Ray process needs for the
-contract to hold at Ray's own HTTP proxy (:data:`PROXY_ENV`) is here too.
+modules (and none of Ray) to speak to a deployment, and a dashboard or alert can be checked
+against the metrics gpuserve exports. The environment a Ray process needs for the contract to hold
+at Ray's own HTTP proxy (:data:`PROXY_ENV`) is here too.
+
+The load signals a replica reports to Ray Serve's autoscaler are named in
+:mod:`autoscaling.signals` (the policy package imports no other gpuserve package) and re-exported
+here as :data:`LOAD_SIGNALS`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
+from autoscaling.signals import ARRIVALS, ARRIVALS_TOTAL, MEMORY_HEADROOM, SERVICE, STARTUP
+
 __all__ = [
     "GATEWAY_LOST_CODE",
+    "LOAD_SIGNALS",
+    "METRICS",
+    "Metric",
     "NOT_RETRIED_CODES",
     "PROXY_ENV",
     "PRIORITY_HEADER",
@@ -17,6 +30,8 @@ __all__ = [
     "REPLICA_HEADER",
     "SERVICE_HEADER",
     "TIMEOUT_HEADER",
+    "exported_metric_names",
+    "metric",
 ]
 
 # Request headers the admission gateway reads.
@@ -47,3 +62,130 @@ PROXY_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "serving._private.prox
 
 # Error codes a client must not retry whatever their HTTP status.
 NOT_RETRIED_CODES = frozenset({REPLICA_DIED_CODE, QUARANTINED_CODE})
+
+
+# -- Metric names -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One Prometheus metric gpuserve exports.
+
+    Attributes:
+        name: The name gpuserve registers.
+        kind: ``gauge`` or ``counter``.
+        help: The help text.
+        tags: The label names, in order.
+        via_ray: True when recorded through Ray's metrics pipeline (``ray.util.metrics``), which
+            prefixes ``ray_`` on export; False for the ``gpuserve status`` exporter
+            (prometheus_client, exported as named).
+    """
+
+    name: str
+    kind: Literal["gauge", "counter"]
+    help: str
+    tags: tuple[str, ...]
+    via_ray: bool = True
+
+    @property
+    def exported_name(self) -> str:
+        """The name a Prometheus query uses: Ray's ``ray_`` prefix, and ``_total`` on counters."""
+        prefix = "ray_" if self.via_ray else ""
+        suffix = "_total" if self.kind == "counter" else ""
+        return prefix + self.name + suffix
+
+
+_REPLICA = ("deployment", "replica")
+_GPU = ("deployment", "replica", "gpu")
+
+# Every metric gpuserve exports. Keys are how the code refers to them (see :func:`metric`).
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        # Replica lifecycle (each model replica).
+        Metric("gpuserve_model_load_seconds", "gauge", "Seconds to load the model onto its device.", _REPLICA),
+        Metric("gpuserve_warmup_seconds", "gauge", "Seconds spent in warm-up inferences.", _REPLICA),
+        Metric(
+            "gpuserve_time_to_ready_seconds",
+            "gauge",
+            "Seconds from the replica's constructor start to ready (loaded and warm).",
+            _REPLICA,
+        ),
+        Metric("gpuserve_warmup_rounds", "gauge", "Warm-up rounds run before latency was stable.", _REPLICA),
+        Metric(
+            "gpuserve_warmup_peak_memory_bytes",
+            "gauge",
+            "Largest peak memory seen in warm-up (CUDA allocator on GPU, process RSS on CPU).",
+            _REPLICA,
+        ),
+        Metric(
+            "gpuserve_oom",
+            "counter",
+            "Out-of-memory errors in a replica's model thread, by how they were handled.",
+            (*_REPLICA, "kind"),
+        ),
+        # GPU telemetry (each model replica on a GPU; none without one).
+        Metric("gpuserve_gpu_memory_used_bytes", "gauge", "Device memory in use (NVML, all processes).", _GPU),
+        Metric("gpuserve_gpu_memory_total_bytes", "gauge", "Device memory (NVML).", _GPU),
+        Metric("gpuserve_gpu_utilization_ratio", "gauge", "GPU busy fraction over NVML's last sample period.", _GPU),
+        Metric("gpuserve_gpu_temperature_celsius", "gauge", "GPU temperature.", _GPU),
+        Metric("gpuserve_gpu_power_watts", "gauge", "GPU power draw.", _GPU),
+        Metric("gpuserve_gpu_ecc_uncorrected_errors", "gauge", "Volatile uncorrected ECC errors.", _GPU),
+        Metric("gpuserve_torch_allocated_bytes", "gauge", "Bytes allocated by this replica's torch allocator.", _GPU),
+        Metric("gpuserve_torch_reserved_bytes", "gauge", "Bytes reserved by this replica's torch allocator.", _GPU),
+        Metric(
+            "gpuserve_torch_peak_allocated_bytes", "gauge", "Peak bytes allocated by this replica's torch allocator.", _GPU
+        ),
+        Metric(
+            "gpuserve_torch_oom_count", "gauge", "Out-of-memory errors torch's allocator has seen in this replica.", _GPU
+        ),
+        # Admission (each gateway). received equals the sum of requests over outcome once nothing is pending.
+        Metric("gpuserve_requests_received", "counter", "Requests that reached the gateway.", ("deployment",)),
+        Metric(
+            "gpuserve_requests",
+            "counter",
+            "Requests answered by the gateway, by outcome and reason.",
+            ("deployment", "outcome", "reason"),
+        ),
+        Metric(
+            "gpuserve_queue_length", "gauge", "Requests waiting in the gateway's queue, by class.", ("deployment", "priority")
+        ),
+        Metric("gpuserve_in_flight_requests", "gauge", "Requests dispatched to replicas.", ("deployment",)),
+        Metric("gpuserve_capacity_requests", "gauge", "Requests the running replicas take at once.", ("deployment",)),
+        # Cluster view (`gpuserve status --metrics-port`): a pending replica has no process to report from.
+        Metric(
+            "gpuserve_pending_replicas",
+            "gauge",
+            "Replicas Ray could not place yet, per deployment and node pool.",
+            ("deployment", "pool"),
+            via_ray=False,
+        ),
+        Metric(
+            "gpuserve_replicas",
+            "gauge",
+            "Replicas per deployment, node pool and state.",
+            ("deployment", "pool", "state"),
+            via_ray=False,
+        ),
+    )
+}
+
+# The per-replica load signals Ray Serve's autoscaler aggregates (not Prometheus metrics).
+LOAD_SIGNALS = (ARRIVALS, ARRIVALS_TOTAL, SERVICE, STARTUP, MEMORY_HEADROOM)
+
+
+def metric(name: str) -> Metric:
+    """The metric registered as ``name``.
+
+    Raises:
+        KeyError: ``name`` is not one of :data:`METRICS`; the message lists the valid names.
+    """
+    try:
+        return METRICS[name]
+    except KeyError:
+        raise KeyError(f"no gpuserve metric {name!r}; valid: {', '.join(sorted(METRICS))}") from None
+
+
+def exported_metric_names() -> set[str]:
+    """Every metric name as Prometheus sees it (what dashboards and alerts may query)."""
+    return {m.exported_name for m in METRICS.values()}

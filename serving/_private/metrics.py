@@ -1,7 +1,7 @@
-"""Replica lifecycle metrics, exported to Prometheus through Ray's metrics pipeline.
+"""gpuserve's metrics, exported to Prometheus through Ray's metrics pipeline.
 
-The only module that touches ``ray.util.metrics``; the rest of gpuserve records
-through ``record_lifecycle``.
+The only module that touches ``ray.util.metrics``; the rest of gpuserve records through the
+functions and classes here. Names, kinds, help and tags come from :data:`serving.protocol.METRICS`.
 """
 
 from __future__ import annotations
@@ -10,33 +10,34 @@ import threading
 import time
 from typing import Optional
 
+from serving.protocol import metric
+
+
+def _ray_metric(name: str):
+    """A Ray metric built from its entry in the protocol's catalogue."""
+    from ray.util.metrics import Counter, Gauge
+
+    m = metric(name)
+    if not m.via_ray:
+        raise ValueError(f"metric {name!r} is exported by `gpuserve status`, not through Ray")
+    return (Gauge if m.kind == "gauge" else Counter)(m.name, m.help, m.tags)
+
 # Ray stops exporting a gauge value that is not set again within a few tens of
 # seconds (measured: gone after ~20-30 s), so lifecycle values are re-recorded.
 REFRESH_PERIOD_S = 5.0
 
-_TAGS = ("deployment", "replica")
 _gauges: Optional[dict] = None
 
 
 def _get() -> dict:
     global _gauges
     if _gauges is None:
-        from ray.util.metrics import Gauge
-
         _gauges = {
-            "load": Gauge("gpuserve_model_load_seconds", "Seconds to load the model onto its device.", _TAGS),
-            "warmup": Gauge("gpuserve_warmup_seconds", "Seconds spent in warm-up inferences.", _TAGS),
-            "ready": Gauge(
-                "gpuserve_time_to_ready_seconds",
-                "Seconds from the replica's constructor start to ready (loaded and warm).",
-                _TAGS,
-            ),
-            "rounds": Gauge("gpuserve_warmup_rounds", "Warm-up rounds run before latency was stable.", _TAGS),
-            "peak": Gauge(
-                "gpuserve_warmup_peak_memory_bytes",
-                "Largest peak memory seen in warm-up (CUDA allocator on GPU, process RSS on CPU).",
-                _TAGS,
-            ),
+            "load": _ray_metric("gpuserve_model_load_seconds"),
+            "warmup": _ray_metric("gpuserve_warmup_seconds"),
+            "ready": _ray_metric("gpuserve_time_to_ready_seconds"),
+            "rounds": _ray_metric("gpuserve_warmup_rounds"),
+            "peak": _ray_metric("gpuserve_warmup_peak_memory_bytes"),
         }
     return _gauges
 
@@ -83,36 +84,28 @@ def record_oom(deployment: str, replica: str, kind: str) -> None:
     """Count an out-of-memory error by kind: ``split`` (batch halved and retried) or ``too_large`` (413)."""
     global _oom_counter
     if _oom_counter is None:
-        from ray.util.metrics import Counter
-
-        _oom_counter = Counter(
-            "gpuserve_oom",
-            "Out-of-memory errors in a replica's model thread, by how they were handled.",
-            ("deployment", "replica", "kind"),
-        )
+        _oom_counter = _ray_metric("gpuserve_oom")
     _oom_counter.inc(1, {"deployment": deployment, "replica": replica, "kind": kind})
-
-
-_GPU_TAGS = ("deployment", "replica", "gpu")
 
 
 def start_gpu_metrics(deployment: str, replica: str, telemetry) -> None:
     """Export the replica's GPU telemetry every REFRESH_PERIOD_S (nothing at all without a GPU)."""
     if not telemetry.available:
         return
-    from ray.util.metrics import Gauge
-
     g = {
-        "used": Gauge("gpuserve_gpu_memory_used_bytes", "Device memory in use (NVML, all processes).", _GPU_TAGS),
-        "total": Gauge("gpuserve_gpu_memory_total_bytes", "Device memory (NVML).", _GPU_TAGS),
-        "util": Gauge("gpuserve_gpu_utilization_ratio", "GPU busy fraction over NVML's last sample period.", _GPU_TAGS),
-        "temp": Gauge("gpuserve_gpu_temperature_celsius", "GPU temperature.", _GPU_TAGS),
-        "power": Gauge("gpuserve_gpu_power_watts", "GPU power draw.", _GPU_TAGS),
-        "ecc": Gauge("gpuserve_gpu_ecc_uncorrected_errors", "Volatile uncorrected ECC errors.", _GPU_TAGS),
-        "alloc": Gauge("gpuserve_torch_allocated_bytes", "Bytes allocated by this replica's torch allocator.", _GPU_TAGS),
-        "reserved": Gauge("gpuserve_torch_reserved_bytes", "Bytes reserved by this replica's torch allocator.", _GPU_TAGS),
-        "peak": Gauge("gpuserve_torch_peak_allocated_bytes", "Peak bytes allocated by this replica's torch allocator.", _GPU_TAGS),
-        "ooms": Gauge("gpuserve_torch_oom_count", "Out-of-memory errors torch's allocator has seen in this replica.", _GPU_TAGS),
+        key: _ray_metric(name)
+        for key, name in (
+            ("used", "gpuserve_gpu_memory_used_bytes"),
+            ("total", "gpuserve_gpu_memory_total_bytes"),
+            ("util", "gpuserve_gpu_utilization_ratio"),
+            ("temp", "gpuserve_gpu_temperature_celsius"),
+            ("power", "gpuserve_gpu_power_watts"),
+            ("ecc", "gpuserve_gpu_ecc_uncorrected_errors"),
+            ("alloc", "gpuserve_torch_allocated_bytes"),
+            ("reserved", "gpuserve_torch_reserved_bytes"),
+            ("peak", "gpuserve_torch_peak_allocated_bytes"),
+            ("ooms", "gpuserve_torch_oom_count"),
+        )
     }
 
     def _record() -> None:
@@ -152,22 +145,12 @@ class AdmissionMetrics:
     """
 
     def __init__(self, deployment: str):
-        from ray.util.metrics import Counter, Gauge
-
         self._tags = {"deployment": deployment}
-        self.received = Counter("gpuserve_requests_received", "Requests that reached the gateway.", ("deployment",))
-        self.outcomes = Counter(
-            "gpuserve_requests",
-            "Requests answered by the gateway, by outcome and reason.",
-            ("deployment", "outcome", "reason"),
-        )
-        self.queued = Gauge(
-            "gpuserve_queue_length", "Requests waiting in the gateway's queue, by class.", ("deployment", "priority")
-        )
-        self.in_flight = Gauge("gpuserve_in_flight_requests", "Requests dispatched to replicas.", ("deployment",))
-        self.capacity = Gauge(
-            "gpuserve_capacity_requests", "Requests the running replicas take at once.", ("deployment",)
-        )
+        self.received = _ray_metric("gpuserve_requests_received")
+        self.outcomes = _ray_metric("gpuserve_requests")
+        self.queued = _ray_metric("gpuserve_queue_length")
+        self.in_flight = _ray_metric("gpuserve_in_flight_requests")
+        self.capacity = _ray_metric("gpuserve_capacity_requests")
 
         # Counted here and handed to Ray's metrics at each poll (0.5 s, far inside any scrape interval):
         # one Ray metric record per request cost about 8 % of a gateway's CPU at saturation (profiled).

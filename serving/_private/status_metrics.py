@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Gauge
 
+from serving.protocol import metric
 from serving.status import DeploymentReport
 
 
@@ -17,18 +18,12 @@ class StatusGauges:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
-        self.pending = Gauge(
-            "gpuserve_pending_replicas",
-            "Replicas Ray could not place yet, per deployment and node pool.",
-            ["deployment", "pool"],
-            registry=self.registry,
-        )
-        self.replicas = Gauge(
-            "gpuserve_replicas",
-            "Replicas per deployment, node pool and state.",
-            ["deployment", "pool", "state"],
-            registry=self.registry,
-        )
+        self.pending = self._gauge("gpuserve_pending_replicas")
+        self.replicas = self._gauge("gpuserve_replicas")
+
+    def _gauge(self, name: str) -> Gauge:
+        m = metric(name)
+        return Gauge(m.name, m.help, list(m.tags), registry=self.registry)
 
     def update(self, reports: list[DeploymentReport]) -> None:
         # Clear first: a deployment or state that disappeared must not keep its last value.

@@ -6,9 +6,11 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from serving.monitoring import ALERTS, ALERTS_TEST, DASHBOARD, asset_path
+from serving.protocol import METRICS, exported_metric_names, metric
 from tests.conftest import require_prometheus_binary
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,14 +37,19 @@ def test_promtool_unit_tests_fire_each_alert_and_only_when_due():
     assert alerted == rules  # every rule has a test in which it fires
 
 
-def exported_metric_names() -> set[str]:
-    """Names as Prometheus sees them: Ray prefixes 'ray_'; counters end in '_total'."""
-    src = (ROOT / "serving" / "_private" / "metrics.py").read_text()
-    names = {"ray_" + n for n in re.findall(r'Gauge\(\s*"(gpuserve_[a-z_]+)"', src)}
-    names |= {"ray_" + n + "_total" for n in re.findall(r'Counter\(\s*"(gpuserve_[a-z_]+)"', src)}
-    status = (ROOT / "serving" / "_private" / "status_metrics.py").read_text()
-    names |= set(re.findall(r'"(gpuserve_[a-z_]+)"', status))
-    return names
+def test_every_catalogued_metric_is_registered_by_the_exporters_and_nothing_else_is():
+    # The protocol's catalogue is the one list of names: the exporters look each name up there
+    # (an unknown name raises), and no catalogue entry is left without an exporter.
+    src = "\n".join(
+        (ROOT / "serving" / "_private" / f).read_text() for f in ("metrics.py", "status_metrics.py")
+    )
+    registered = set(re.findall(r'"(gpuserve_[a-z_]+)"', src))
+    assert registered == set(METRICS)
+    assert not re.search(r"(Gauge|Counter)\(\s*\"gpuserve_", src), "metric defined outside serving.protocol"
+    assert metric("gpuserve_requests").exported_name == "ray_gpuserve_requests_total"
+    assert metric("gpuserve_pending_replicas").exported_name == "gpuserve_pending_replicas"
+    with pytest.raises(KeyError, match="valid: .*gpuserve_oom"):
+        metric("gpuserve_oom_total")
 
 
 def metrics_in(expr: str) -> set[str]:
