@@ -74,6 +74,37 @@ def share_of(total: int, members: int, rank: Optional[int]) -> int:
     return base + (1 if rank < extra else 0)
 
 
+def orphaned_calls(
+    now_s: float,
+    replicas: list[tuple[float, dict[str, int]]],
+    gateways: dict[str, float],
+    me: str,
+    replica_stale_s: float,
+    gateway_stale_s: float,
+) -> int:
+    """Calls still running on the replicas for a gateway that is gone (it died, or stopped answering).
+
+    Args:
+        now_s: The reader's wall clock.
+        replicas: Each model replica's last report: (when it was made, calls running by the gateway that
+            sent them). A report older than ``replica_stale_s`` is ignored: its replica died, and its
+            calls with it (a replica with calls running reports again well within that time).
+        gateways: Each gateway's last heartbeat (when). A gateway with a heartbeat older than
+            ``gateway_stale_s`` is taken for gone; its calls then count here.
+        me: The reader's own id: always alive.
+        replica_stale_s: How old a replica's report may be and still count.
+        gateway_stale_s: How old a gateway's heartbeat may be and the gateway still count as alive.
+    """
+    live = {g for g, at_s in gateways.items() if now_s - at_s <= gateway_stale_s} | {me}
+    return sum(
+        n
+        for at_s, load in replicas
+        if now_s - at_s <= replica_stale_s
+        for owner, n in load.items()
+        if owner not in live
+    )
+
+
 class DrainModel:
     """How fast the replicas drain the queue, and how long a given position waits.
 
@@ -93,6 +124,8 @@ class DrainModel:
         # This gateway's place among the deployment's gateways: it owns its share of the slots.
         self.members = 1
         self.rank: Optional[int] = None
+        # Calls a gone gateway left running on the replicas: they hold slots nobody here dispatched.
+        self.orphaned = 0
 
     def completed(self, service_s: float) -> None:
         self._service.append(max(0.0, service_s))
@@ -112,12 +145,16 @@ class DrainModel:
     def capacity(self) -> int:
         """Requests this gateway lets run on the replicas at once: its share of their slots.
 
+        Less this gateway's part of the calls a gone gateway left running (``orphaned``): the deployment
+        stays within its slots while those finish, whichever gateway takes the dead one's place.
+
         At least one: with no replica running, one request still goes through to Ray Serve's router
         and waits there (what Ray's autoscaler sees to scale up from zero); with fewer slots than
         gateways, each still dispatches one (the deployment is then over-committed by at most
         ``members - 1`` requests, which wait in Ray's router, never lost).
         """
-        return max(1, self._slots(self.running))
+        orphaned = share_of(self.orphaned, self.members, self.rank) if self.orphaned else 0
+        return max(1, self._slots(self.running) - orphaned)
 
     def drain_rate_per_s(self) -> Optional[float]:
         """Completions per second through this gateway's slots (None before any completion)."""

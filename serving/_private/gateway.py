@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import time
 from collections import OrderedDict
 from typing import Any, AsyncIterator, Callable, Optional
@@ -35,9 +36,11 @@ from serving._private.admission import (
     Rejection,
     StartupTracker,
     Ticket,
+    orphaned_calls,
 )
 from serving._private.auth import KeyCheck
 from serving._private.http import error_response, read_json
+from serving._private.ledger import GATEWAY_STALE_S, REPLICA_STALE_S, Ledger
 from serving._private.metrics import AdmissionMetrics
 from serving._private.surface import OpenAIRoutes, Reply, make_api, stream_response, to_response
 from serving.protocol import PRIORITY_HEADER, QUARANTINED_CODE, REPLICA_DIED_CODE, TIMEOUT_HEADER
@@ -106,7 +109,14 @@ class Gateway(OpenAIRoutes):
     def __init__(self, spec: dict[str, Any], model: Any):
         ctx = serve.get_replica_context()
         app, me = ctx.app_name, ctx.deployment
-        self._setup(spec, model, lambda: _replica_states(app, self.spec.name, me), rank=_rank(ctx))
+        self._setup(
+            spec,
+            model,
+            lambda: _replica_states(app, self.spec.name, me),
+            rank=_rank(ctx),
+            ledger=Ledger(app, ModelDeployment.model_validate(spec).name),
+            gateway_id=ctx.replica_id.unique_id,
+        )
 
     def _setup(
         self,
@@ -115,10 +125,16 @@ class Gateway(OpenAIRoutes):
         replica_states: Callable[[], tuple[int, int, int]],
         metrics: Optional[Any] = None,
         rank: Optional[int] = None,
+        ledger: Optional[Ledger] = None,
+        gateway_id: Optional[str] = None,
     ) -> None:
         # Split from __init__ so the glue runs in tests with a stand-in handle, replica counts and metrics.
         self._replica_states = replica_states
         self._rank = rank
+        # Where the replicas say which gateway's calls they run: the calls of a gone gateway hold slots.
+        self._ledger = ledger
+        self._gateway_id = gateway_id
+        self._shrinking_since_s: Optional[float] = None
         self.spec = ModelDeployment.model_validate(spec)
         q = self.spec.queue
         self._model = model
@@ -170,18 +186,55 @@ class Gateway(OpenAIRoutes):
                     pending = None
                     # Shares follow membership: a gateway that died gives its share to the others once
                     # the controller stops counting it (a gateway always counts itself).
-                    self.queue.members(max(1, gateways), self._rank)
+                    self.queue.members(self._members(max(1, gateways), time.monotonic()), self._rank)
                     remaining = self._startup.observe(time.monotonic(), running, starting)
                     self.drain.replicas(running, starting, remaining)
                     self._pump()
             except Exception as e:  # noqa: BLE001 - keep the last counts; the controller may be restarting
                 pending = None
                 logger.warning("gpuserve: gateway could not read replica counts: %s", e)
+            await self._read_ledger()
             try:
                 self._metrics.gauges(self.queue.queued_by_class(), self.queue.in_flight, self.drain.capacity)
             except Exception as e:  # noqa: BLE001 - a metrics hiccup must not stop the counts
                 logger.warning("gpuserve: gateway could not export its gauges: %s", e)
             await asyncio.sleep(POLL_PERIOD_S)
+
+    def _members(self, counted: int, now_s: float) -> int:
+        """The membership to take shares by: the controller's count, except that a shrink waits until
+        the ledger can tell the gone gateway's calls (its heartbeat stale, then one poll), so a
+        survivor never takes the larger share while those calls still hold slots unseen."""
+        if self._ledger is None or counted >= self.drain.members:
+            self._shrinking_since_s = None
+            return counted
+        if self._shrinking_since_s is None:
+            self._shrinking_since_s = now_s
+        if now_s - self._shrinking_since_s < GATEWAY_STALE_S + POLL_PERIOD_S:
+            return self.drain.members
+        self._shrinking_since_s = None
+        return counted
+
+    async def _read_ledger(self) -> None:
+        """Write this gateway's heartbeat and take the calls of gone gateways out of its slots."""
+        if self._ledger is None or self._gateway_id is None:
+            return
+        ledger, me = self._ledger, self._gateway_id
+
+        def exchange() -> tuple[float, list, dict]:
+            ledger.heartbeat(me)
+            return ledger.read()
+
+        try:
+            # Bounded like the controller poll: a store that does not answer keeps the last count.
+            now_s, replicas, gateways = await asyncio.wait_for(asyncio.to_thread(exchange), POLL_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - the ledger is advice; admission goes on without it
+            logger.warning("gpuserve: gateway could not read the ledger: %s", e)
+            return
+        orphaned = orphaned_calls(now_s, replicas, gateways, me, REPLICA_STALE_S, GATEWAY_STALE_S)
+        if orphaned != self.drain.orphaned:
+            logger.info("gpuserve: calls left running on the replicas by gone gateways: %d", orphaned)
+            self.drain.orphaned = orphaned
+            self._pump()
 
     async def check_health(self) -> None:
         """Serve's health check: the poller runs (restarted if it stopped) and the slot count adds up.
@@ -428,7 +481,7 @@ class Gateway(OpenAIRoutes):
         stream = isinstance(body, dict) and body.get("stream") is True
         try:
             if stream:
-                gen = self._model.options(stream=True).reply_stream.remote(endpoint, body, arrivals)
+                gen = self._model.options(stream=True).reply_stream.remote(endpoint, body, arrivals, self._gateway_id)
                 ok, head = await self._bounded(gen.__anext__(), until_s)
                 if not ok:
                     gen.cancel()
@@ -451,7 +504,7 @@ class Gateway(OpenAIRoutes):
                             yield chunk
 
                 return stream_response(head, chunks())
-            call = self._model.reply.remote(endpoint, body, arrivals)
+            call = self._model.reply.remote(endpoint, body, arrivals, self._gateway_id)
             ok, reply = await self._bounded(call, until_s)
             if not ok:
                 call.cancel()
@@ -567,10 +620,11 @@ class Gateway(OpenAIRoutes):
                 "queued": self.queue.queued_by_class(),
                 "in_flight": self.queue.in_flight,
                 "capacity": d.capacity,
+                "orphaned": d.orphaned,
                 "replicas": {"running": d.running, "starting": d.starting, "startup_remaining_s": d.startup_remaining_s},
                 "mean_service_s": d.mean_service_s,
                 "drain_rate_per_s": d.drain_rate_per_s(),
-                "gateway": {"rank": d.rank, "members": d.members},
+                "gateway": {"rank": d.rank, "members": d.members, "id": self._gateway_id, "pid": os.getpid()},
                 "counts": self.queue.counts(),
                 "outcomes": [
                     {"outcome": o, "reason": r, "count": n} for (o, r), n in sorted(self.queue.outcomes.items())

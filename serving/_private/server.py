@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Optional
 
 from ray import serve
 from starlette.requests import Request
@@ -22,6 +22,7 @@ from starlette.responses import Response
 
 from serving._private.auth import KeyCheck
 from serving._private.http import read_json
+from serving._private.ledger import WRITE_PERIOD_S, CallsByGateway, Ledger
 from serving._private.memory import free_cache_for, memory_budget_bytes, probe_for
 from serving._private.oom import BatchRunner, MemoryModel, Outcome
 from serving._private.metrics import record_lifecycle, record_oom, start_gpu_metrics
@@ -43,6 +44,13 @@ def _replica_id() -> str:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:  # noqa: BLE001 - outside a Serve replica (direct construction in tools)
         return f"local-{os.getpid()}"
+
+
+def _app_name() -> str:
+    try:
+        return serve.get_replica_context().app_name
+    except Exception:  # noqa: BLE001 - outside a Serve replica
+        return "local"
 
 
 def _node_id() -> "str | None":
@@ -67,6 +75,10 @@ class ModelServer(OpenAIRoutes):
         t_start = time.monotonic()
         self.spec = ModelDeployment.model_validate(spec)
         self.replica_id = _replica_id()
+        self._app = _app_name()
+        # Calls running by the gateway that sent them, written to the ledger the gateways read.
+        self.calls = CallsByGateway()
+        self._ledger_writer: "Optional[asyncio.Task]" = None
         # Read before the model loads: a replica without its keys must fail fast, not serve openly.
         self._check_key = KeyCheck(self.spec.auth)
         # One model thread: a device runs one forward pass at a time anyway, and a
@@ -216,28 +228,66 @@ class ModelServer(OpenAIRoutes):
 
     # -- the gateway's calls (DeploymentHandle, not HTTP): plain data -------------
 
-    async def reply(self, endpoint: str, body: Any, arrivals: int = 1) -> Reply:
-        """Serve a parsed request body (not streamed); ``arrivals`` is how many requests it stands for."""
-        try:
-            item, t0 = await self._start(endpoint, body, arrivals)
-        except Exception as e:  # noqa: BLE001 - every error leaves as an OpenAI error body
-            return Reply.failure(e, self.replica_id)
-        return await self._finish(item, t0)
+    def _sent_by(self, gateway: Optional[str]) -> None:
+        """Count a call as running for ``gateway`` (in the ledger the gateways read) until it ends."""
+        if gateway is None:
+            return
+        self.calls.started(gateway)
+        if self._ledger_writer is None or self._ledger_writer.done():
+            self._ledger_writer = asyncio.get_running_loop().create_task(self._write_ledger_forever())
 
-    async def reply_stream(self, endpoint: str, body: Any, arrivals: int = 1) -> AsyncIterator[Any]:
-        """Serve a request that may stream: a :class:`Reply` first (``stream`` set when chunks follow),
-        then its JSON chunks."""
+    async def _write_ledger_forever(self) -> None:
+        # One write a period at most, off the event loop; it ends once nothing runs and that is written.
+        ledger = Ledger(self._app, self.spec.name)
+        while True:
+            await asyncio.sleep(WRITE_PERIOD_S)
+            load = self.calls.due()
+            if load is None:
+                return
+            try:
+                await asyncio.to_thread(ledger.replica_load, self.replica_id, load)
+            except Exception as e:  # noqa: BLE001 - the ledger is advice to the gateways; serving goes on
+                logger.warning("gpuserve: replica could not write its calls to the ledger: %s", e)
+
+    async def reply(self, endpoint: str, body: Any, arrivals: int = 1, gateway: Optional[str] = None) -> Reply:
+        """Serve a parsed request body (not streamed).
+
+        Args:
+            endpoint: The OpenAI endpoint (``embeddings``, ``chat/completions``, ...).
+            body: The parsed JSON body.
+            arrivals: How many requests it stands for (the load signal).
+            gateway: The gateway that sent it: counted in the ledger while it runs.
+        """
+        self._sent_by(gateway)
         try:
-            item, t0 = await self._start(endpoint, body, arrivals)
-        except Exception as e:  # noqa: BLE001 - every error leaves as an OpenAI error body
-            yield Reply.failure(e, self.replica_id)
-            return
-        if not self.task.wants_stream(item):
-            yield await self._finish(item, t0)
-            return
-        yield Reply(None, replica=self.replica_id, stream=True)
-        async for chunk in self._chunks(item, t0):
-            yield chunk
+            try:
+                item, t0 = await self._start(endpoint, body, arrivals)
+            except Exception as e:  # noqa: BLE001 - every error leaves as an OpenAI error body
+                return Reply.failure(e, self.replica_id)
+            return await self._finish(item, t0)
+        finally:
+            self.calls.ended(gateway)
+
+    async def reply_stream(
+        self, endpoint: str, body: Any, arrivals: int = 1, gateway: Optional[str] = None
+    ) -> AsyncIterator[Any]:
+        """Serve a request that may stream: a :class:`Reply` first (``stream`` set when chunks follow),
+        then its JSON chunks. Arguments as for :meth:`reply`."""
+        self._sent_by(gateway)
+        try:
+            try:
+                item, t0 = await self._start(endpoint, body, arrivals)
+            except Exception as e:  # noqa: BLE001 - every error leaves as an OpenAI error body
+                yield Reply.failure(e, self.replica_id)
+                return
+            if not self.task.wants_stream(item):
+                yield await self._finish(item, t0)
+                return
+            yield Reply(None, replica=self.replica_id, stream=True)
+            async for chunk in self._chunks(item, t0):
+                yield chunk
+        finally:
+            self.calls.ended(gateway)
 
     async def info(self, route: str) -> Reply:
         """``health`` (readiness, with load and warm-up facts) or ``models`` (the model served)."""

@@ -38,6 +38,24 @@ def honouring_client(base: str, i: int, codes: list | None = None) -> tuple[list
     return seen, told
 
 
+def whole(client: httpx.Client) -> str:
+    """Wait for both model replicas and both gateways (after an earlier test's fault); the base URL."""
+    wait_for_replicas("chaos", "chaos", 2)
+    wait_for_replicas("chaos", "chaos-gateway", 2)
+    return str(client.base_url).rstrip("/")
+
+
+def post_once(base: str, texts: list[str], timeout_s: float) -> object:
+    """One request, no retry: its status, "timeout" when the client gave up first, or another client error."""
+    try:
+        with httpx.Client(timeout=timeout_s) as c:
+            return c.post(f"{base}/v1/embeddings", json={"input": texts}).status_code
+    except httpx.TimeoutException:
+        return "timeout"
+    except httpx.HTTPError as e:
+        return repr(e)
+
+
 def both_gateways(client: httpx.Client) -> dict[int, dict]:
     """/admission from each gateway (Ray's proxy picks one per request: ask until both answered)."""
     seen: dict[int, dict] = {}
@@ -113,14 +131,64 @@ def test_a_gateway_killed_under_load_costs_no_hard_error(chaos):
     settled_counts(chaos)
 
 
+def test_calls_a_killed_gateway_left_running_keep_their_slots(chaos):
+    """A gateway dies with calls running on the replicas; they run on. The gateways still alive (and the
+    one Serve starts in its place) learn them from the ledger the replicas write, and keep them out of
+    their slots until they end: the deployment's 4 slots are not handed out twice."""
+    base = whole(chaos)
+
+    def slow(i):
+        return post_once(base, ["SLOW:5", f"held {i}"], 120)
+
+    with cf.ThreadPoolExecutor(12) as pool:
+        futs = []
+        for i in range(12):  # spaced, so Ray's proxy sees the gateways' queues and spreads them
+            futs.append(pool.submit(slow, i))
+            time.sleep(0.1)
+        # A gateway with its whole share (2 of the 4 slots) running: the one to kill.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            a = chaos.get("/admission").json()
+            if a["in_flight"] == 2:
+                break
+            time.sleep(0.1)
+        assert a["in_flight"] == 2, (a["capacity"], a["orphaned"], a["gateway"], a["replicas"], a["counts"])
+        time.sleep(1.0)  # the replicas write their calls to the ledger once a second
+        busiest, left = a, 2
+        os.kill(busiest["gateway"]["pid"], signal.SIGKILL)
+        # The dead gateway's calls run on for up to 20 s (5 s each, one model thread per replica).
+        samples = []
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            try:
+                a = chaos.get("/admission").json()
+            except (httpx.HTTPError, ValueError):
+                continue
+            samples.append((a["orphaned"], a["capacity"], a["in_flight"], a["gateway"]["members"]))
+            if samples[-1][0] == 0 and any(s[0] for s in samples):
+                break
+            time.sleep(0.2)
+        statuses = [f.result(timeout=120) for f in futs]
+    seen = [s for s in samples if s[0]]
+    assert seen, f"no gateway ever counted the dead one's calls: {samples}"
+    assert max(s[0] for s in seen) == left, (left, seen)  # all of them, then fewer as they end
+    # While they ran, each gateway kept them out of its share of the 4 slots (its share less its part of
+    # the orphans); a gateway alone never ran more than the slots they left free. (A gateway may hold
+    # more than its capacity just after the count arrives: calls it had dispatched in its own share.)
+    for orphaned, capacity, in_flight, members in samples:
+        assert capacity <= max(1, -(-4 // members) - orphaned // members), samples
+        assert members > 1 or in_flight + orphaned <= 4, samples
+    assert samples[-1][0] == 0, f"the orphaned calls were never released: {samples[-6:]}"
+    # The dead gateway's own requests ended 503 (gateway_lost, with Retry-After); every other one 200.
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 12 - left - 4, statuses
+
+
 def test_a_hung_serve_controller_stops_nothing(chaos):
     """The control plane hangs (the Serve controller's process stopped, SIGSTOP) for 12 s under load:
     the gateways' polls time out and keep the last counts, Ray's routers keep their replica sets, and
     every request is still answered (200, or 429/503 with Retry-After, then 200); nothing waits for the
     controller."""
-    base = str(chaos.base_url).rstrip("/")
-    wait_for_replicas("chaos", "chaos", 2)
-    wait_for_replicas("chaos", "chaos-gateway", 2)
+    base = whole(chaos)
     (controller,) = process_pids(b"ray::ServeController")
     results: list = []
     try:
@@ -149,17 +217,10 @@ def test_clients_that_leave_mid_request_leak_no_slot(chaos):
     """60 clients give up (a 0.2 s client timeout) on requests that take 0.6 s, queued or running: each
     gateway settles every one of them (counters reconcile, nothing pending, no slot held), and the
     deployment then serves at full capacity."""
-    base = str(chaos.base_url).rstrip("/")
-    wait_for_replicas("chaos", "chaos", 2)
-    wait_for_replicas("chaos", "chaos-gateway", 2)
+    base = whole(chaos)
 
     def impatient(i):
-        try:
-            with httpx.Client(timeout=0.2) as c:
-                c.post(f"{base}/v1/embeddings", json={"input": ["SLOW:0.6", f"leaving {i}"]})
-        except httpx.TimeoutException:
-            return "left"
-        return "answered"
+        return "left" if post_once(base, ["SLOW:0.6", f"leaving {i}"], 0.2) == "timeout" else "answered"
 
     with cf.ThreadPoolExecutor(20) as pool:
         outcomes = list(pool.map(impatient, range(60)))

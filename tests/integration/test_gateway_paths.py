@@ -58,7 +58,7 @@ class Model:
         model = self
 
         class Remote:
-            def remote(self, endpoint, body, arrivals):
+            def remote(self, endpoint, body, arrivals, gateway=None):
                 return Pending(model._call(), model)
 
         return Remote()
@@ -453,3 +453,51 @@ def test_the_queue_holds_only_waiting_requests_while_bodies_are_read():
         if r.status_code == 429:
             assert "(4 of 4 requests waiting" in json.loads(r.body)["error"]["message"]
     settled(g)
+
+
+class StandInLedger:
+    """Stands in for the cluster store: a dead gateway's calls running on one replica."""
+
+    def __init__(self, now_s, load):
+        self.now_s, self.load, self.beats = now_s, load, []
+
+    def heartbeat(self, gateway):
+        self.beats.append(gateway)
+
+    def read(self):
+        return self.now_s, [(self.now_s - 0.5, dict(self.load))], {"dead": self.now_s - 60.0, "me": self.now_s}
+
+
+def test_a_new_gateway_keeps_the_calls_a_dead_one_left_running_out_of_its_slots():
+    spec = {**SPEC, "queue": {**SPEC["queue"], "max_ongoing_requests": 4}}
+    ledger = StandInLedger(1000.0, {"dead": 3, "me": 1})
+
+    async def main():
+        g = Gateway.__new__(Gateway)
+        g._setup(spec, Model(), lambda: (1, 0, 1), Metrics(), ledger=ledger, gateway_id="me")
+        g.queue.members(1, 0)  # as the controller poll says once the dead gateway is gone: all 4 slots
+        before = g.drain.capacity
+        await g._read_ledger()
+        during = g.drain.capacity
+        ledger.load = {"me": 1}  # the dead gateway's calls are done
+        await g._read_ledger()
+        return before, during, g.drain.capacity
+
+    before, during, after = run(main())
+    assert ledger.beats == ["me", "me"]  # its own heartbeat, so the others never count its calls
+    assert (before, during, after) == (4, 1, 4)
+
+
+def test_a_survivor_takes_the_larger_share_only_once_the_ledger_can_show_the_dead_ones_calls():
+    async def main():
+        g = Gateway.__new__(Gateway)
+        g._setup(SPEC, Model(), lambda: (1, 0, 1), Metrics(), ledger=StandInLedger(0.0, {}), gateway_id="me")
+        assert g.drain.members == 2
+        # The controller stops counting a dead gateway within a second; its heartbeat goes stale later.
+        early = [g._members(1, t) for t in (10.0, 11.0, 12.0)]
+        late = g._members(1, 12.6)
+        return early, late, g._members(3, 13.0)
+
+    early, late, grown = run(main())
+    assert early == [2, 2, 2] and late == 1
+    assert grown == 3  # growing needs no wait: a new gateway's share only shrinks the others'

@@ -9,7 +9,9 @@ from serving._private.admission import (
     AdmissionQueue,
     DrainModel,
     StartupTracker,
+    orphaned_calls,
 )
+from serving._private.ledger import CallsByGateway
 
 INTERACTIVE, BATCH = 0, 1
 
@@ -245,3 +247,61 @@ def test_fewer_slots_than_gateways_still_lets_each_dispatch_one():
     q = AdmissionQueue(0, ("interactive",), drain)
     q.members(3, 2)
     assert q.drain.capacity == 1 and q.max_queued == 0
+
+
+# -- calls a gone gateway left running on the replicas -----------------------------------------
+
+
+def test_only_calls_of_gateways_gone_quiet_count_as_orphaned_and_stale_replica_reports_do_not():
+    now, stale = 1000.0, 5.0
+    replicas = [
+        (now - 1.0, {"me": 2, "alive": 1, "dead": 2}),
+        (now - 0.5, {"dead": 1, "never-heard": 1}),
+        (now - 30.0, {"dead": 4}),  # a replica that died: its calls died with it
+    ]
+    gateways = {"alive": now - 1.0, "dead": now - 12.0}
+    assert orphaned_calls(now, replicas, gateways, "me", stale, 2.0) == 4
+    # The reader never counts its own calls, even before its first heartbeat is written.
+    assert orphaned_calls(now, [(now, {"me": 3})], {}, "me", stale, 2.0) == 0
+
+
+def test_orphaned_calls_take_their_slots_out_of_each_gateways_share():
+    drain = DrainModel(slots_per_replica=2, fallback_s=1.0)
+    drain.replicas(2, 0, 0.0)  # 4 slots
+    drain.members, drain.rank = 2, 0
+    assert drain.capacity == 2
+    drain.orphaned = 2  # split like the slots: one each, the deployment stays within its 4
+    assert drain.capacity == 1
+    drain.rank = 1
+    assert drain.capacity == 1
+    drain.members, drain.rank = 1, 0  # the survivor alone: all the slots, less all the orphans
+    assert drain.capacity == 2
+    drain.orphaned = 9  # more than the slots: still one, so the queue never stalls for good
+    assert drain.capacity == 1
+
+
+def test_a_gateway_replacing_a_dead_one_dispatches_only_into_slots_the_dead_ones_calls_left_free():
+    q = make(max_queued=8, slots=4, running=1)
+    q.drain.orphaned = 3
+    for i in range(4):
+        q.offer(float(i), INTERACTIVE, None)
+    fill_slots(q)
+    assert q.in_flight == 1 and len(q) == 3
+    q.drain.orphaned = 0  # the dead gateway's calls finished
+    fill_slots(q)
+    assert q.in_flight == 4
+
+
+def test_a_replica_writes_its_calls_by_gateway_once_a_period_and_removes_them_once_done():
+    calls = CallsByGateway()
+    assert calls.due() is None  # nothing ever ran: nothing to write
+    calls.started("g1")
+    calls.started("g1")
+    calls.started(None)  # direct HTTP, no gateway: not in the ledger
+    calls.started("g2")
+    assert calls.due() == {"g1": 2, "g2": 1}
+    assert calls.due() == {"g1": 2, "g2": 1}  # rewritten each period while calls run: the entry stays fresh
+    for g in ("g1", "g1", "g2", None):
+        calls.ended(g)
+    assert calls.due() == {}  # once: the entry is removed
+    assert calls.due() is None
