@@ -118,6 +118,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     args = ap.parse_args(argv)
+    from serving.testing import json_stdout
+
+    # Stdout carries the JSON only (Ray's forwarded log lines go to stderr).
+    stdout = json_stdout()
 
     import ray
     from ray import serve
@@ -170,7 +174,7 @@ def main(argv=None) -> int:
         with contextlib.redirect_stdout(sys.stderr):
             serve.shutdown()
             ray.shutdown()
-    print(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2), file=stdout, flush=True)
     return 0
 
 

@@ -330,6 +330,10 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-ceiling", action="store_true", help="skip the gateway-ceiling measurement")
     ap.add_argument("--skip-two-proxies", action="store_true", help="skip the two-proxy arms")
     args = ap.parse_args(argv)
+    from serving.testing import json_stdout
+
+    # Stdout carries the JSON only (Ray's forwarded log lines go to stderr).
+    stdout = json_stdout()
     body = {"input": [f"SLOW:{args.service_s}"]}
     seconds = 20.0 if args.quick else 60.0
     client_timeout_s = 30.0 if args.quick else 60.0
@@ -424,7 +428,7 @@ def main(argv=None) -> int:
         else None,
         "gateway_over_direct_at_saturation": out.get("gateway_ceiling", {}).get("gateway_over_direct"),
     }
-    print(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2), file=stdout, flush=True)
     return 0
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "autoscaling_cluster",
     "free_port",
     "honouring_post",
+    "json_stdout",
     "local_cluster",
     "make_tiny_causal_lm",
     "process_pids",
@@ -44,6 +45,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def json_stdout():
+    """A writable file on the process's original stdout, with everything else sent to stderr.
+
+    Ray forwards its processes' log lines to the driver's stdout; a benchmark that prints its result as
+    JSON on stdout calls this first, writes the JSON to the file returned, and its stdout stays JSON.
+    """
+    import os
+
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    return out
 
 
 def process_pids(title: bytes) -> list[int]:
