@@ -19,15 +19,32 @@ class RayDefaultPolicy:
 
     Calls ``ray.serve.autoscaling_policy.replica_queue_length_autoscaling_policy`` for the desired
     count, then Ray's scaling-factor and delay logic with the simulated clock (Ray's delay logic takes
-    the time as an argument). Defaults are Ray's: upscale delay 30 s, downscale delay 600 s.
-    ``target_ongoing_requests`` is set to ``utilization * slots`` so the target matches the others.
+    the time as an argument). Defaults are Ray's: upscale delay 30 s, downscale delay 600 s, and
+    a 30 s look-back. ``target_ongoing_requests`` is set to ``utilization * slots`` so the target
+    matches the others.
+
+    Ray's policy never sees the requests in flight now. Replicas and handles record the count and
+    push what they recorded to the controller every ``metrics_interval_s`` (Ray's default 10 s), and
+    the controller hands the policy the mean over the deployment's ``look_back_period_s`` of what has
+    arrived. So does this one: the mean of the per-decision counts in the look-back window that ends
+    at the last push. Given the instantaneous count, the simulated Ray default scaled to its maximum
+    on a 5-second burst that the real one never reacted to (``bench/autoscaling_e2e.py``).
     """
 
     utilization: float = 0.8
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
+    look_back_period_s: float = 30.0
+    metrics_interval_s: float = 10.0
     interval_s: float = 1.0
     _ray: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("look_back_period_s", "metrics_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(
+                    f"{name} ({getattr(self, name)}) must be > 0: Ray averages the load it was pushed over a window"
+                )
 
     def _bind(self, slots: int, lo: int, hi: int) -> Any:
         """Import Ray's functions and build its config once (decide runs every simulated second)."""
@@ -60,6 +77,14 @@ class RayDefaultPolicy:
     def decide(self, ctx: PolicyContext, state: dict[str, Any]) -> tuple[Decision, dict[str, Any]]:
         dep, Context, policy, scale, delay, config = self._bind(ctx.slots_per_replica, ctx.min_replicas, ctx.max_replicas)
         target = state.get("target", ctx.replicas)
+        # What the controller has: the counts recorded up to the last push; it averages those in the
+        # look-back window that ends there (nothing pushed yet: nothing in flight, as Ray reads it).
+        pushed_s = math.floor(ctx.now_s / self.metrics_interval_s) * self.metrics_interval_s
+        keep_s = pushed_s - self.look_back_period_s
+        window = [(t, v) for t, v in state.get("window", []) if t > keep_s]
+        window.append((ctx.now_s, ctx.ongoing_requests))
+        seen = [v for t, v in window if t <= pushed_s]
+        ongoing = sum(seen) / len(seen) if seen else 0.0
         rctx = Context(
             deployment_id=dep,
             deployment_name="sim",
@@ -68,7 +93,7 @@ class RayDefaultPolicy:
             current_num_replicas=ctx.replicas,
             target_num_replicas=target,
             running_replicas=[],
-            total_num_requests=ctx.ongoing_requests,
+            total_num_requests=ongoing,
             total_queued_requests=ctx.queued_requests,
             aggregated_metrics={},
             raw_metrics={},
@@ -85,7 +110,8 @@ class RayDefaultPolicy:
         ray_state = dict(state.get("ray", {}))
         decided, ray_state = delay(max(0, desired), target, config, ray_state, _now=ctx.now_s)
         decided = min(max(int(decided), ctx.min_replicas), ctx.max_replicas)
-        return Decision(replicas=decided, reason=f"ray default: desired {desired}"), {"ray": ray_state, "target": decided}
+        state = {"ray": ray_state, "target": decided, "window": [[t, v] for t, v in window]}
+        return Decision(replicas=decided, reason=f"ray default: desired {desired} (mean in flight {ongoing:.2f})"), state
 
 
 @dataclass

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import signal
 import sys
@@ -42,6 +43,8 @@ HOLD_S = 1.0
 SLOTS = 1
 MAX_REPLICAS = 4
 IDLE_TIMEOUT_S = 15.0
+# The window Ray Serve averages the load over for every policy (compressed like the rest).
+LOOK_BACK_S = 12.0
 
 
 def schedule(duration_s: float, peak_per_s: float, seed: int) -> np.ndarray:
@@ -97,12 +100,12 @@ def spec(policy: str, provisioning_s: float):
             min_replicas=1,
             max_replicas=MAX_REPLICAS,
             downscale_delay_s=20,
-            look_back_period_s=12,
+            look_back_period_s=LOOK_BACK_S,
             policy="predictive",
             policy_params=predictive_params(provisioning_s),
         )
     else:
-        auto = AutoscalingSpec(min_replicas=1, max_replicas=MAX_REPLICAS, look_back_period_s=12, **RAY_DEFAULT)
+        auto = AutoscalingSpec(min_replicas=1, max_replicas=MAX_REPLICAS, look_back_period_s=LOOK_BACK_S, **RAY_DEFAULT)
     model = ModelDeployment(
         name="e2e",
         task="tests.integration.stall_task:SlowEmbeddingsTask",
@@ -167,6 +170,7 @@ class PoolWatch:
         self.stop = threading.Event()
         self.transitions: list[tuple[float, float]] = []  # (starting_at, running_at)
         self.demand: list[tuple[float, float]] = []  # (time, GPUs wanted: requested, or in use + pending)
+        self.running: list[tuple[float, int]] = []  # (time, replicas RUNNING)
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -183,6 +187,7 @@ class PoolWatch:
             try:
                 st = serve.status().applications["e2e"].deployments["e2e"].replica_states
                 starting, running = st.get("STARTING", 0), st.get("RUNNING", 0)
+                self.running.append((now, running))
                 pending += [now] * max(0, starting + running - last_starting - last_running)
                 for _ in range(max(0, running - last_running)):
                     if pending:
@@ -237,6 +242,75 @@ class PoolWatch:
         return out
 
 
+def fifo_waits(arrivals: list[float], services: list[float], running: list[tuple[float, int]], slots: int) -> list[float]:
+    """Each request's wait in one FIFO queue in front of the replicas the real run had RUNNING.
+
+    ``running`` is the sampled count of RUNNING replicas (time, count); server ``k`` (of ``count x
+    slots``) is there while the count covers it, and a request starts at the first moment a server is
+    both there and free. What the real run waited beyond this is lost in dispatch (routing, the
+    gateways' shares), not in the pool; what this waits beyond the simulator is the pool's timing.
+    """
+    times = [t for t, _ in running]
+    counts = [c * slots for _, c in running]
+    servers = max(counts, default=0)
+    free = [0.0] * servers
+
+    def earliest(k: int, t: float) -> float:
+        # The first sample at or after t where server k is there (the sample before t counts from t).
+        i = max(0, int(np.searchsorted(times, t, side="right")) - 1)
+        if counts and counts[i] > k:
+            return t
+        for j in range(i + 1, len(times)):
+            if counts[j] > k:
+                return times[j]
+        return math.inf
+
+    waits = []
+    for at, svc in sorted(zip(arrivals, services)):
+        best_k, best_t = None, math.inf
+        for k in range(servers):
+            t = earliest(k, max(at, free[k]))
+            if t < best_t:
+                best_k, best_t = k, t
+        if best_k is None:
+            waits.append(math.inf)
+            continue
+        free[best_k] = best_t + svc
+        waits.append(best_t - at)
+    return waits
+
+
+def scaling_decisions(logs_dir: str, t0: float) -> list[list[float]]:
+    """Ray's own record of each change of the replica target, from the Serve controller's log:
+    [seconds from ``t0``, from, to, the in-flight count Ray's policy saw]."""
+    import datetime
+    import glob
+    import re
+
+    line_re = re.compile(
+        r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}).*(?:Up|Down)scaling .* from (\d+) to (\d+) replicas\. "
+        r"Current ongoing requests: ([\d.]+)"
+    )
+    out = []
+    for path in glob.glob(f"{logs_dir}/serve/controller_*.log"):
+        with open(path) as f:
+            for line in f:
+                m = line_re.search(line)
+                if m:
+                    at = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                    out.append([round(at - t0, 1), int(m.group(2)), int(m.group(3)), float(m.group(4))])
+    return sorted(out)
+
+
+def windows(values: list[tuple[float, float]], step_s: float, until_s: float) -> list[float]:
+    """Mean of (t, value) samples per window of ``step_s`` from 0 (None where no sample)."""
+    out = []
+    for w in range(int(math.ceil(until_s / step_s))):
+        inside = [v for t, v in values if w * step_s <= t < (w + 1) * step_s]
+        out.append(round(float(np.mean(inside)), 2) if inside else None)
+    return out
+
+
 def health(base: str, tries: int = 20) -> list[float]:
     import httpx
 
@@ -283,6 +357,7 @@ def run_real(policy: str, arrivals: np.ndarray, provisioning_s: float, score_fro
         time.sleep(IDLE_TIMEOUT_S + 30)
         end = time.time()
         events = cluster.events()
+        decisions = scaling_decisions(f"{cluster.temp_dir}/session_latest/logs", t0)
         node_seconds = cluster.gpu_node_seconds(until_s=end, since_s=t0 + score_from_s)
         watch.stop.set()
         serve.shutdown()
@@ -305,6 +380,27 @@ def run_real(policy: str, arrivals: np.ndarray, provisioning_s: float, score_fro
     services = [svc for _, s, _, svc in results if s == 200 and svc is not None]
     scored = [(a, s, lat - (p10 if svc is None else svc)) for a, s, lat, svc in results if a >= score_from_s]
     ok = sum(1 for _, s, wait in scored if s == 200 and wait <= slo_s)
+    # Where the real run lost its SLO: per 10 s window of arrivals, and against one ideal FIFO queue in
+    # front of the replicas it really had RUNNING (the same arrivals and service times).
+    mean_svc = float(np.mean(services)) if services else HOLD_S
+    ideal = fifo_waits(
+        [a for a, *_ in results],
+        [mean_svc if svc is None else svc for *_, svc in results],
+        [(t - t0, c) for t, c in watch.running],
+        SLOTS,
+    )
+    ideal_scored = [w for (a, *_), w in zip(sorted(results), ideal) if a >= score_from_s]
+    span = max((a for a, *_ in results), default=0.0) + 1.0
+    diagnosis = {
+        "fifo_on_real_replicas_slo_attainment": sum(1 for w in ideal_scored if w <= slo_s) / len(ideal_scored)
+        if ideal_scored
+        else 1.0,
+        "window_s": 10.0,
+        "real_within_slo": windows([(a, float(s == 200 and w <= slo_s)) for a, s, w in scored], 10.0, span),
+        "real_running": windows([(t - t0, float(c)) for t, c in watch.running], 10.0, span),
+        "real_wait_mean_s": windows([(a, w) for a, _, w in scored], 10.0, span),
+        "real_decisions": decisions,
+    }
     return {
         "slo_attainment": ok / len(scored) if scored else 1.0,
         "gpu_node_seconds": node_seconds,
@@ -328,6 +424,7 @@ def run_real(policy: str, arrivals: np.ndarray, provisioning_s: float, score_fro
             if services
             else None,
         },
+        "diagnosis": diagnosis,
         "_run_s": end - t0,
     }
 
@@ -360,7 +457,7 @@ def run_sim(policy: str, arrivals: np.ndarray, provisioning_s: float, measured: 
         initial_replicas=1,
         hold_s=0.0,
         score_from_s=score_from_s,
-        timeline_step_s=10.0,
+        timeline_step_s=2.0,
     )
     if policy == "predictive":
         s = spec(policy, provisioning_s)
@@ -372,6 +469,7 @@ def run_sim(policy: str, arrivals: np.ndarray, provisioning_s: float, measured: 
             utilization=RAY_DEFAULT["target_ongoing_requests"] / SLOTS,
             upscale_delay_s=RAY_DEFAULT["upscale_delay_s"],
             downscale_delay_s=RAY_DEFAULT["downscale_delay_s"],
+            look_back_period_s=LOOK_BACK_S,
         )
     # The pool's standing node (min_nodes=1) is there from the start, as in the real run.
     trace = RequestTrace(arrivals, None, None, source="e2e")
@@ -379,7 +477,26 @@ def run_sim(policy: str, arrivals: np.ndarray, provisioning_s: float, measured: 
     # The real run is charged until it ended (load, then scale-down and release); the simulator until
     # its last request, then its pool closes: charge the real run's tail at the simulator's final size.
     tail = max(0.0, run_s - r.simulated_s) * (r.timeline["nodes"][-1] if r.timeline["nodes"] else 0)
-    return {"slo_attainment": r.slo_attainment, "gpu_node_seconds": r.gpu_hours * 3600 + tail, "scale_events": r.scale_events}
+    # The real run's windows are 10 s: five of the simulator's 2 s steps each.
+    per = int(10.0 / cfg.timeline_step_s)
+    n_w = [sum(r.window_requests[i : i + per]) for i in range(0, len(r.window_requests), per)]
+    ok_w = [sum(r.window_within_slo[i : i + per]) for i in range(0, len(r.window_within_slo), per)]
+    within = [round(ok / n, 2) if n else None for n, ok in zip(n_w, ok_w)]
+    tl = r.timeline
+    asked = [
+        [tl["t_s"][i], int(tl["replicas"][i - 1]), int(tl["replicas"][i])]
+        for i in range(1, len(tl["t_s"]))
+        if tl["replicas"][i] != tl["replicas"][i - 1]
+    ]
+    return {
+        "slo_attainment": r.slo_attainment,
+        "gpu_node_seconds": r.gpu_hours * 3600 + tail,
+        "scale_events": r.scale_events,
+        # Per window of arrivals (the same windows as the real run's diagnosis), and replicas ready.
+        "within_slo": within,
+        "ready_replicas": [tl["ready_replicas"][i] for i, t in enumerate(tl["t_s"]) if t % 10.0 == 0],
+        "decisions": asked,
+    }
 
 
 def main() -> None:
@@ -392,10 +509,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.provisioning_s < 30:
         ap.error(f"--provisioning-s ({args.provisioning_s}) must be >= 30: the issue's floor for a GPU node")
-    # Stdout carries the JSON only: Ray forwards its processes' log lines to the driver's stdout, so
-    # everything else writes to stderr while the JSON keeps a copy of the original stdout.
-    out = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
+    # Stdout carries the JSON only (Ray's forwarded log lines go to stderr).
+    from serving.testing import json_stdout
+
+    out = json_stdout()
     # Ctrl-C and SIGTERM unwind through the clusters' cleanup.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     duration = 180.0 if args.quick else 360.0

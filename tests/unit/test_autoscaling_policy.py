@@ -333,3 +333,36 @@ def test_no_replica_is_released_while_the_policy_holds_its_node():
         ready = d.replicas
     downs = [(a, b) for a, b in zip(seen, seen[1:]) if b[1] < a[1]]
     assert not downs, seen
+
+
+def test_rays_default_sees_the_in_flight_count_as_ray_hands_it_averaged_and_pushed():
+    """A 5 s burst of 3 in flight on one 1-slot replica, over a background of 0.3. Ray's controller hands
+    its policy the mean over look_back_period_s of what replicas and handles pushed (every
+    metrics_interval_s): averaged over 12 s, Ray's default goes to 2 replicas at most. Given the
+    instantaneous count (the simulator before), it went to its maximum, 4."""
+    from autoscaling.baselines import RayDefaultPolicy
+
+    def run(look_back_s, push_s):
+        p = RayDefaultPolicy(
+            utilization=0.8,
+            upscale_delay_s=3.0,
+            downscale_delay_s=30.0,
+            look_back_period_s=look_back_s,
+            metrics_interval_s=push_s,
+        )
+        state, replicas, most, first_up = {}, 1, 1, None
+        for t in range(60):
+            ongoing = 3.0 if 20 <= t < 25 else 0.3
+            d, state = p.decide(ctx(float(t), 0.3, ready=replicas, slots=1, ongoing=ongoing, hi=4), state)
+            json.dumps(state)  # the state stays JSON-able (Ray keeps it in its policy state)
+            if d.replicas > replicas and first_up is None:
+                first_up = t
+            replicas, most = d.replicas, max(most, d.replicas)
+        return most, first_up
+
+    assert run(12.0, 1.0)[0] == 2
+    assert run(1.0, 1.0) == (4, 23)  # the instantaneous count: up 3 s into the burst
+    # Pushed every 10 s: nothing of the burst is seen before the push at 30 s, 5 s after it ended.
+    assert run(12.0, 10.0)[1] >= 30
+    with pytest.raises(ValueError, match="look_back_period_s"):
+        make_policy("ray_default", look_back_period_s=0)
