@@ -12,7 +12,8 @@ Signals, from each replica's ``record_autoscaling_stats`` (see ``serving``):
 arrivals between two decisions from it, per replica, so the policy sees the rate of its own interval
 as in the simulator), ``gpuserve_arrivals_per_s`` (requests received per second over a 30 s window:
 the fallback before the first delta), ``gpuserve_service_s`` (slot-seconds per
-request), ``gpuserve_startup_s`` (constructor start to ready: the replica lead time learned online) and, on
+request), ``gpuserve_gateway_queued_requests`` (the requests waiting in the admission gateways, which
+Ray's own counts leave out), ``gpuserve_startup_s`` (constructor start to ready: the replica lead time learned online) and, on
 GPUs, ``gpuserve_memory_headroom_ratio`` (memory left below the high-water mark: low is a scale-up signal).
 """
 
@@ -25,7 +26,7 @@ from typing import Any, Optional
 
 from autoscaling import _node_requests
 from autoscaling.policy import PolicyContext, make_policy
-from autoscaling.signals import ARRIVALS, ARRIVALS_TOTAL, MEMORY_HEADROOM, SERVICE, STARTUP
+from autoscaling.signals import ARRIVALS, ARRIVALS_TOTAL, GATEWAY_QUEUED, MEMORY_HEADROOM, SERVICE, STARTUP
 
 logger = logging.getLogger("ray.serve")
 
@@ -76,7 +77,10 @@ class GpuservePolicy:
                 seen.add(key)
                 startups.append(float(v))
         running = ctx.current_num_replicas
-        queued = ctx.total_queued_requests or 0.0
+        # Ray counts the requests at the replicas and in its routers; the gateways' own queue it never
+        # sees. Each replica reports the gateways' queues as it last heard them: the largest report.
+        in_gateways = self._latest(ctx, GATEWAY_QUEUED)
+        queued = (ctx.total_queued_requests or 0.0) + in_gateways
         pctx = PolicyContext(
             now_s=now,
             ready_replicas=running,
@@ -86,7 +90,7 @@ class GpuservePolicy:
             slots_per_replica=self.slots,
             arrivals_per_s=arrivals,
             work_s_per_request=work,
-            ongoing_requests=ctx.total_num_requests,
+            ongoing_requests=ctx.total_num_requests + in_gateways,
             queued_requests=queued,
             startup_s=tuple(startups),
             memory_headroom_ratio=min(metrics[MEMORY_HEADROOM].values()) if metrics.get(MEMORY_HEADROOM) else None,
@@ -121,6 +125,13 @@ class GpuservePolicy:
             "state": pstate,
         }
         return decision.replicas, state
+
+    @staticmethod
+    def _latest(ctx: Any, name: str) -> float:
+        """The largest of the replicas' latest reports of ``name`` (0 when none reported it)."""
+        raw = (getattr(ctx, "raw_metrics", None) or {}).get(name, {})
+        latest = [float(getattr(series[-1], "value", series[-1])) for series in raw.values() if series]
+        return max(latest, default=0.0)
 
     @staticmethod
     def _arrivals(ctx: Any, g: dict[str, Any], now: float, metrics: dict[str, Any]) -> tuple[float, dict[str, float]]:

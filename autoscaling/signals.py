@@ -6,7 +6,7 @@ aggregates them per deployment and hands them to :class:`autoscaling.ray_policy.
 
 from __future__ import annotations
 
-__all__ = ["ARRIVALS", "ARRIVALS_TOTAL", "MEMORY_HEADROOM", "SERVICE", "STARTUP"]
+__all__ = ["ARRIVALS", "ARRIVALS_TOTAL", "GATEWAY_QUEUED", "MEMORY_HEADROOM", "SERVICE", "STARTUP"]
 
 # Requests received per second over the replica's sliding window (the fallback before the first delta).
 ARRIVALS = "gpuserve_arrivals_per_s"
@@ -18,3 +18,8 @@ SERVICE = "gpuserve_service_s"
 STARTUP = "gpuserve_startup_s"
 # GPU memory left below the high-water mark, a fraction of the device (low: scale up).
 MEMORY_HEADROOM = "gpuserve_memory_headroom_ratio"
+# Requests waiting in the deployment's admission gateways, as this replica last heard from each (a gateway
+# sends its queue length with every request it dispatches). Ray counts only the requests at replicas and
+# in its routers' queues; behind the gateways the queue is theirs, and without this the policy never saw
+# it. The adapter takes the largest report over the replicas.
+GATEWAY_QUEUED = "gpuserve_gateway_queued_requests"

@@ -481,7 +481,7 @@ class Gateway(OpenAIRoutes):
         stream = isinstance(body, dict) and body.get("stream") is True
         try:
             if stream:
-                gen = self._model.options(stream=True).reply_stream.remote(endpoint, body, arrivals, self._gateway_id)
+                gen = self._model.options(stream=True).reply_stream.remote(endpoint, body, arrivals, self._gateway_id, len(self.queue))
                 ok, head = await self._bounded(gen.__anext__(), until_s)
                 if not ok:
                     gen.cancel()
@@ -504,7 +504,7 @@ class Gateway(OpenAIRoutes):
                             yield chunk
 
                 return stream_response(head, chunks())
-            call = self._model.reply.remote(endpoint, body, arrivals, self._gateway_id)
+            call = self._model.reply.remote(endpoint, body, arrivals, self._gateway_id, len(self.queue))
             ok, reply = await self._bounded(call, until_s)
             if not ok:
                 call.cancel()

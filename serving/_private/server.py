@@ -228,11 +228,13 @@ class ModelServer(OpenAIRoutes):
 
     # -- the gateway's calls (DeploymentHandle, not HTTP): plain data -------------
 
-    def _sent_by(self, gateway: Optional[str]) -> None:
-        """Count a call as running for ``gateway`` (in the ledger the gateways read) until it ends."""
+    def _sent_by(self, gateway: Optional[str], queued: int) -> None:
+        """Count a call as running for ``gateway`` (in the ledger the gateways read) until it ends, and
+        note the gateway's queue length for the autoscaler."""
         if gateway is None:
             return
         self.calls.started(gateway)
+        self.signals.gateway_queue(time.monotonic(), gateway, queued)
         if self._ledger_writer is None or self._ledger_writer.done():
             self._ledger_writer = asyncio.get_running_loop().create_task(self._write_ledger_forever())
 
@@ -249,7 +251,9 @@ class ModelServer(OpenAIRoutes):
             except Exception as e:  # noqa: BLE001 - the ledger is advice to the gateways; serving goes on
                 logger.warning("gpuserve: replica could not write its calls to the ledger: %s", e)
 
-    async def reply(self, endpoint: str, body: Any, arrivals: int = 1, gateway: Optional[str] = None) -> Reply:
+    async def reply(
+        self, endpoint: str, body: Any, arrivals: int = 1, gateway: Optional[str] = None, queued: int = 0
+    ) -> Reply:
         """Serve a parsed request body (not streamed).
 
         Args:
@@ -257,8 +261,9 @@ class ModelServer(OpenAIRoutes):
             body: The parsed JSON body.
             arrivals: How many requests it stands for (the load signal).
             gateway: The gateway that sent it: counted in the ledger while it runs.
+            queued: The requests still waiting in that gateway (a load signal for the autoscaler).
         """
-        self._sent_by(gateway)
+        self._sent_by(gateway, queued)
         try:
             try:
                 item, t0 = await self._start(endpoint, body, arrivals)
@@ -269,11 +274,11 @@ class ModelServer(OpenAIRoutes):
             self.calls.ended(gateway)
 
     async def reply_stream(
-        self, endpoint: str, body: Any, arrivals: int = 1, gateway: Optional[str] = None
+        self, endpoint: str, body: Any, arrivals: int = 1, gateway: Optional[str] = None, queued: int = 0
     ) -> AsyncIterator[Any]:
         """Serve a request that may stream: a :class:`Reply` first (``stream`` set when chunks follow),
         then its JSON chunks. Arguments as for :meth:`reply`."""
-        self._sent_by(gateway)
+        self._sent_by(gateway, queued)
         try:
             try:
                 item, t0 = await self._start(endpoint, body, arrivals)

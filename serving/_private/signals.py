@@ -7,9 +7,14 @@ from __future__ import annotations
 
 from collections import deque
 
-from autoscaling.signals import ARRIVALS, ARRIVALS_TOTAL, MEMORY_HEADROOM, SERVICE, STARTUP
+from autoscaling.signals import ARRIVALS, ARRIVALS_TOTAL, GATEWAY_QUEUED, MEMORY_HEADROOM, SERVICE, STARTUP
 
 __all__ = ["LoadSignals", "MEMORY_HEADROOM"]
+
+
+# A gateway not heard from for this long (it died, or dispatched nothing) no longer counts: its last
+# report may be a queue that has since expired or left with it.
+GATEWAY_REPORT_TTL_S = 60.0
 
 
 class LoadSignals:
@@ -26,6 +31,11 @@ class LoadSignals:
         self._arrivals: deque[tuple[float, int]] = deque()
         self._total = 0
         self._service: deque[tuple[float, float]] = deque()
+        self._gateway_queues: dict[str, tuple[float, int]] = {}
+
+    def gateway_queue(self, now_s: float, gateway: str, queued: int) -> None:
+        """A gateway's queue length, as it sent it with a request (after taking that request out)."""
+        self._gateway_queues[gateway] = (now_s, queued)
 
     def arrival(self, now_s: float, count: int = 1) -> None:
         """Count arrivals; behind the gateway one dispatched request carries the requests that arrived
@@ -48,9 +58,14 @@ class LoadSignals:
         mean = sum(s for _, s in self._service) / len(self._service) if self._service else 0.0
         # The total lets the policy count exactly the arrivals between two of its decisions; the
         # windowed rate lags a change by half the window and is only the fallback.
-        return {
+        out = {
             ARRIVALS: sum(n for _, n in self._arrivals) / span,
             ARRIVALS_TOTAL: float(self._total),
             SERVICE: mean,
             STARTUP: self.startup_s,
         }
+        if self._gateway_queues:  # behind gateways only: a direct ingress has Ray's own queue count
+            fresh = {g: v for g, v in self._gateway_queues.items() if now_s - v[0] <= GATEWAY_REPORT_TTL_S}
+            self._gateway_queues = fresh
+            out[GATEWAY_QUEUED] = float(sum(n for _, n in fresh.values()))
+        return out

@@ -58,7 +58,7 @@ class Model:
         model = self
 
         class Remote:
-            def remote(self, endpoint, body, arrivals, gateway=None):
+            def remote(self, endpoint, body, arrivals, gateway=None, queued=0):
                 return Pending(model._call(), model)
 
         return Remote()

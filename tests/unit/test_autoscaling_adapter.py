@@ -218,3 +218,36 @@ def test_no_node_request_stands_when_it_adds_nothing_beyond_the_replicas(monkeyp
     assert sent == [3, 0]  # nothing beyond the running replica: no standing request
     pol(ray_ctx(200.0, running=1, target=1, metrics={SERVICE: {"r1": 1.0}}))
     assert sent == [3, 0, 2]  # nodes and replicas up in one decision: the new node is asked for
+
+
+def test_the_policy_sees_the_requests_waiting_in_the_gateways_which_rays_counts_leave_out():
+    """Behind the gateways Ray's counts hold only what runs on the replicas (the gateways dispatch only
+    into free slots): a deployment with 300 requests waiting looked only busy to the policy. Each
+    replica reports the gateways' queues as it last heard them; the adapter takes the largest report."""
+    from autoscaling.signals import GATEWAY_QUEUED
+
+    sig = LoadSignals(started_s=0.0, startup_s=10.0)
+    assert GATEWAY_QUEUED not in sig.snapshot(1.0)  # a direct ingress: Ray's own queue count stands
+    sig.gateway_queue(1.0, "g1", 18)
+    sig.gateway_queue(2.0, "g2", 12)
+    sig.gateway_queue(3.0, "g1", 20)  # the latest from each gateway
+    assert sig.snapshot(3.0)[GATEWAY_QUEUED] == 32.0
+    assert sig.snapshot(62.5)[GATEWAY_QUEUED] == 20.0  # g2 not heard from for over 60 s: gone
+
+    TV = SimpleNamespace
+    pol = GpuservePolicy("predictive", slots_per_replica=1)
+    seen = {}
+
+    def decide(pctx, state):
+        seen["ctx"] = pctx
+        return pol.policy.__class__.decide(pol.policy, pctx, state)
+
+    pol.policy.decide = decide
+    c = ray_ctx(1000.0, running=2, target=2, ongoing=2.0, queued=0.0, metrics={SERVICE: {"r1": 1.0, "r2": 1.0}})
+    c.raw_metrics = {GATEWAY_QUEUED: {"r1": [TV(timestamp=999.0, value=300.0)], "r2": [TV(timestamp=998.0, value=250.0)]}}
+    n, state = pol(c)
+    assert seen["ctx"].queued_requests == 300.0 and seen["ctx"].ongoing_requests == 302.0
+    assert "300 queued" in state["gpuserve"]["reason"]
+    c.raw_metrics = {}
+    n_without, _ = GpuservePolicy("predictive", slots_per_replica=1)(c)
+    assert n > n_without  # the queue asks for replicas that the running count alone does not
