@@ -67,7 +67,13 @@ class GpuservePolicy:
             return g["replicas"], state
         metrics = ctx.aggregated_metrics or {}
         arrivals, totals = self._arrivals(ctx, g, now, metrics)
-        service = [v for v in metrics.get(SERVICE, {}).values() if v > 0]
+        # Each replica's latest report, not Ray's mean over the look-back window: a replica idle until
+        # just now reports 0 (nothing served in its window), and averaged with those zeros the first
+        # seconds of load read as a fraction of the work (seen end to end: 0.3 s for a 1 s request,
+        # and the policy scaled up 6 s later than the simulator did).
+        service = [v for v in self._latest_each(ctx, SERVICE) if v > 0] or [
+            v for v in metrics.get(SERVICE, {}).values() if v > 0
+        ]
         work = sum(service) / len(service) if service else g.get("work", self.default_service_s)
         seen = set(g.get("seen", []))
         startups = []
@@ -127,11 +133,15 @@ class GpuservePolicy:
         return decision.replicas, state
 
     @staticmethod
-    def _latest(ctx: Any, name: str) -> float:
-        """The largest of the replicas' latest reports of ``name`` (0 when none reported it)."""
+    def _latest_each(ctx: Any, name: str) -> list[float]:
+        """Each replica's latest report of ``name``."""
         raw = (getattr(ctx, "raw_metrics", None) or {}).get(name, {})
-        latest = [float(getattr(series[-1], "value", series[-1])) for series in raw.values() if series]
-        return max(latest, default=0.0)
+        return [float(getattr(series[-1], "value", series[-1])) for series in raw.values() if series]
+
+    @classmethod
+    def _latest(cls, ctx: Any, name: str) -> float:
+        """The largest of the replicas' latest reports of ``name`` (0 when none reported it)."""
+        return max(cls._latest_each(ctx, name), default=0.0)
 
     @staticmethod
     def _arrivals(ctx: Any, g: dict[str, Any], now: float, metrics: dict[str, Any]) -> tuple[float, dict[str, float]]:

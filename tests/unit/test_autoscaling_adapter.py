@@ -251,3 +251,18 @@ def test_the_policy_sees_the_requests_waiting_in_the_gateways_which_rays_counts_
     c.raw_metrics = {}
     n_without, _ = GpuservePolicy("predictive", slots_per_replica=1)(c)
     assert n > n_without  # the queue asks for replicas that the running count alone does not
+
+
+def test_the_work_per_request_is_each_replicas_latest_report_not_rays_mean_with_idle_zeros():
+    """A replica idle until just now reports a service time of 0 (nothing served in its window). Ray's
+    aggregated metric averages those zeros in over the look-back, and the first seconds of load read as
+    a fraction of the work: 0.34 s for a 1 s request here. The adapter reads the latest report."""
+    TV = SimpleNamespace
+    pol = GpuservePolicy("predictive", slots_per_replica=1, default_service_s=0.1)
+    c = ray_ctx(1000.0, running=1, target=1, ongoing=1.0, metrics={SERVICE: {"r1": 0.34}})
+    c.raw_metrics = {SERVICE: {"r1": [TV(timestamp=t, value=v) for t, v in ((990.0, 0.0), (994.0, 0.0), (998.0, 1.02))]}}
+    _, state = pol(c)
+    assert state["gpuserve"]["work"] == 1.02
+    c.raw_metrics = {}  # before raw series exist: Ray's aggregate, as before
+    _, state = GpuservePolicy("predictive", slots_per_replica=1)(c)
+    assert state["gpuserve"]["work"] == 0.34
