@@ -71,7 +71,7 @@ class GpuservePolicy:
         # just now reports 0 (nothing served in its window), and averaged with those zeros the first
         # seconds of load read as a fraction of the work (seen end to end: 0.3 s for a 1 s request,
         # and the policy scaled up 6 s later than the simulator did).
-        service = [v for v in self._latest_each(ctx, SERVICE) if v > 0] or [
+        service = [v for v in self._latest_by_replica(ctx, SERVICE).values() if v > 0] or [
             v for v in metrics.get(SERVICE, {}).values() if v > 0
         ]
         work = sum(service) / len(service) if service else g.get("work", self.default_service_s)
@@ -133,30 +133,29 @@ class GpuservePolicy:
         return decision.replicas, state
 
     @staticmethod
-    def _latest_each(ctx: Any, name: str) -> list[float]:
-        """Each replica's latest report of ``name``."""
+    def _latest_by_replica(ctx: Any, name: str) -> dict[str, float]:
+        """Each replica's latest report of ``name`` (Ray's raw series), by replica id."""
         raw = (getattr(ctx, "raw_metrics", None) or {}).get(name, {})
-        return [float(getattr(series[-1], "value", series[-1])) for series in raw.values() if series]
+        return {
+            str(getattr(rid, "unique_id", rid)): float(getattr(series[-1], "value", series[-1]))
+            for rid, series in raw.items()
+            if series
+        }
 
     @classmethod
     def _latest(cls, ctx: Any, name: str) -> float:
         """The largest of the replicas' latest reports of ``name`` (0 when none reported it)."""
-        return max(cls._latest_each(ctx, name), default=0.0)
+        return max(cls._latest_by_replica(ctx, name).values(), default=0.0)
 
-    @staticmethod
-    def _arrivals(ctx: Any, g: dict[str, Any], now: float, metrics: dict[str, Any]) -> tuple[float, dict[str, float]]:
+    @classmethod
+    def _arrivals(cls, ctx: Any, g: dict[str, Any], now: float, metrics: dict[str, Any]) -> tuple[float, dict[str, float]]:
         """Arrivals per second since the previous decision, from each replica's latest total.
 
         A replica new since then counts from its start; one gone since then no longer counts (its
         last arrivals were counted at the decision before). Without totals from the previous decision
         (the first one, or replicas that did not report yet), the replicas' windowed rates are summed.
         """
-        raw = (getattr(ctx, "raw_metrics", None) or {}).get(ARRIVALS_TOTAL, {})
-        totals: dict[str, float] = {}
-        for rid, series in raw.items():
-            if series:
-                last = series[-1]
-                totals[str(getattr(rid, "unique_id", rid))] = float(getattr(last, "value", last))
+        totals = cls._latest_by_replica(ctx, ARRIVALS_TOTAL)
         prev, prev_t = g.get("totals"), g.get("t")
         if totals and prev and prev_t is not None and now > prev_t:
             delta = sum(max(0.0, v - prev.get(k, 0.0)) for k, v in totals.items())
