@@ -42,6 +42,8 @@ class GpuservePolicy:
             ``request_resources``; None disables node pre-provisioning.
         node_label_selector: Ray label selector of the pool's nodes for the node requests.
         default_service_s: Service time assumed until replicas report one.
+        log_every_decision: Log every decision with the inputs the policy saw, not only changes of
+            the target (for diagnosing a policy; one line per decision interval).
     """
 
     def __init__(
@@ -52,12 +54,14 @@ class GpuservePolicy:
         node_bundle: Optional[dict[str, float]] = None,
         node_label_selector: Optional[dict[str, str]] = None,
         default_service_s: float = 1.0,
+        log_every_decision: bool = False,
     ):
         self.policy = make_policy(policy, **(params or {}))
         self.slots = slots_per_replica
         self.node_bundle = node_bundle
         self.node_label_selector = node_label_selector
         self.default_service_s = default_service_s
+        self.log_every_decision = log_every_decision
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
         now = ctx.current_time if ctx.current_time is not None else time.time()
@@ -109,15 +113,17 @@ class GpuservePolicy:
             # running replicas could hold an idle node for ever, while the replicas hold their own.
             nodes = decision.nodes if decision.nodes > ctx.current_num_replicas else 0
             _node_requests.update(str(ctx.deployment_id), nodes, self.node_bundle, self.node_label_selector)
-        if decision.replicas != ctx.target_num_replicas:
-            # One line per change, in the Serve controller's log: what was decided and why.
+        if decision.replicas != ctx.target_num_replicas or self.log_every_decision:
+            # One line per change (or per decision when asked), in the Serve controller's log: what was
+            # decided, why, and on what inputs; a policy's timing can then be compared with the simulator's.
             logger.info(
-                "gpuserve autoscaling %s: %d -> %d replicas, nodes %s (%s)",
+                "gpuserve autoscaling %s: %d -> %d replicas, nodes %s (%s) [%s]",
                 ctx.deployment_id,
                 ctx.target_num_replicas,
                 decision.replicas,
                 decision.nodes,
                 decision.reason,
+                describe_inputs(pctx),
             )
         state["gpuserve"] = {
             "t": now,
@@ -161,3 +167,23 @@ class GpuservePolicy:
             delta = sum(max(0.0, v - prev.get(k, 0.0)) for k, v in totals.items())
             return delta / (now - prev_t), totals
         return sum(metrics.get(ARRIVALS, {}).values()), totals
+
+
+def describe_inputs(pctx: PolicyContext) -> str:
+    """The inputs of one decision as ``key=value`` pairs (parsed back by :func:`parse_inputs`)."""
+    return " ".join(
+        f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in (
+            ("ready", pctx.ready_replicas),
+            ("starting", pctx.starting_replicas),
+            ("arrivals_per_s", float(pctx.arrivals_per_s)),
+            ("work_s", float(pctx.work_s_per_request)),
+            ("ongoing", float(pctx.ongoing_requests)),
+            ("queued", float(pctx.queued_requests)),
+        )
+    )
+
+
+def parse_inputs(text: str) -> dict[str, float]:
+    """The ``key=value`` pairs of :func:`describe_inputs`, as numbers."""
+    return {k: float(v) for k, v in (pair.split("=", 1) for pair in text.split())}

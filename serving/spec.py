@@ -191,6 +191,11 @@ class AutoscalingSpec(_Spec):
         default_factory=dict,
         description="Parameters of a named gpuserve policy, e.g. {'headroom_beta': 1.5, 'node_lead_prior_s': 240}.",
     )
+    log_every_decision: bool = Field(
+        default=False,
+        description="Log every decision of a named gpuserve policy with the inputs it saw (one line per decision "
+        "interval in the Serve controller's log), not only changes of the replica target.",
+    )
 
     @field_validator("policy")
     @classmethod
@@ -222,6 +227,11 @@ class AutoscalingSpec(_Spec):
             raise ValueError(
                 f"autoscaling.policy_params ({self.policy_params}) apply only to a named gpuserve policy; "
                 f"autoscaling.policy is {self.policy!r}"
+            )
+        if self.log_every_decision and self.gpuserve_policy is None:
+            raise ValueError(
+                f"autoscaling.log_every_decision (True) applies only to a named gpuserve policy; autoscaling.policy "
+                f"is {self.policy!r}: set policy to 'predictive', 'hpa' or 'kpa', or drop log_every_decision"
             )
         if self.gpuserve_policy is not None:
             import json

@@ -39,6 +39,8 @@ def _policy_kwargs(spec: ModelDeployment, pool: Optional["NodePool"]) -> dict[st
         "params": params,
         "slots_per_replica": spec.queue.max_ongoing_requests,
     }
+    if a.log_every_decision:
+        kwargs["log_every_decision"] = True
     if spec.resources.gpus > 0 and params.get("pre_provision", True):
         kwargs["node_bundle"] = {"GPU": float(spec.resources.gpus), "CPU": float(spec.resources.cpus)}
         if pool is not None:

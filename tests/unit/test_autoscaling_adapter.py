@@ -266,3 +266,35 @@ def test_the_work_per_request_is_each_replicas_latest_report_not_rays_mean_with_
     c.raw_metrics = {}  # before raw series exist: Ray's aggregate, as before
     _, state = GpuservePolicy("predictive", slots_per_replica=1)(c)
     assert state["gpuserve"]["work"] == 0.34
+
+
+def test_every_decision_is_logged_with_its_inputs_when_asked(caplog):
+    """By default only changes of the target are logged; a policy whose timing differs from the
+    simulator's is diagnosed from every decision and what it saw (``log_every_decision``)."""
+    from autoscaling.ray_policy import parse_inputs
+
+    metrics = {SERVICE: {"r1": 1.0}}
+    quiet = GpuservePolicy("hpa", slots_per_replica=4)
+    with caplog.at_level("INFO", logger="ray.serve"):
+        n, _ = quiet(ray_ctx(1000.0, running=1, target=1, ongoing=0.0, metrics=metrics))
+    assert n == 1 and not [r for r in caplog.records if "gpuserve autoscaling" in r.getMessage()]
+
+    loud = GpuservePolicy("hpa", slots_per_replica=4, log_every_decision=True)
+    with caplog.at_level("INFO", logger="ray.serve"):
+        _, state = loud(ray_ctx(1000.0, running=1, target=1, ongoing=0.0, queued=0.0, metrics=metrics))
+        loud(ray_ctx(1000.1, running=1, target=1, ongoing=0.0, metrics=metrics, state=state))  # within the interval
+    lines = [r.getMessage() for r in caplog.records if "gpuserve autoscaling" in r.getMessage()]
+    assert len(lines) == 1, lines
+    seen = parse_inputs(lines[0].rsplit("[", 1)[1].rstrip("]"))
+    assert seen == {"ready": 1.0, "starting": 0.0, "arrivals_per_s": 0.0, "work_s": 1.0, "ongoing": 0.0, "queued": 0.0}
+    assert "1 -> 1 replicas" in lines[0]
+
+
+def test_log_every_decision_reaches_the_adapter_and_needs_a_gpuserve_policy():
+    s = spec(policy="predictive", log_every_decision=True)
+    kwargs = deployment_options(s, None)["autoscaling_config"]["policy"]["policy_kwargs"]
+    assert kwargs["log_every_decision"] is True
+    quiet = deployment_options(spec(policy="predictive"), None)["autoscaling_config"]["policy"]["policy_kwargs"]
+    assert "log_every_decision" not in quiet
+    with pytest.raises(ValidationError, match=r"autoscaling.log_every_decision \(True\) applies only"):
+        spec(log_every_decision=True)
