@@ -22,6 +22,11 @@ The model:
   longest node provisioning plus a replica start (``hold_s + max(provision_delay_s) +
   replica_start_s``), rounded up to a whole ``timeline_step_s``. Before it the trace warms the pool
   and every policy's state; from it on requests count (by arrival time) and GPU time is charged.
+* **What the policy sees**: the arrivals, their work, the requests in flight and the queue of each
+  simulated second. With ``metrics_lag_s`` it sees them that many seconds late (whole seconds), as a
+  policy on Ray does: replicas push their metrics every ``metrics_interval_s``, and behind the
+  admission gateways an arrival is reported with the next dispatch. 0 (the default) shows the policy
+  the second just past.
 * **Two engines**: per-request (event-driven, exact times) for request traces; fluid (per-second
   counts, FIFO cohorts, 1-second resolution for waits) for rate traces.
 """
@@ -67,6 +72,7 @@ class SimConfig:
     hold_s: float = 120.0
     initial_replicas: int | None = None
     score_from_s: float | None = None
+    metrics_lag_s: float = 0.0
 
     def __post_init__(self) -> None:
         lo, hi = self.provision_delay_s
@@ -83,6 +89,8 @@ class SimConfig:
             raise ValueError(f"score_from_s ({self.score_from_s}) must be >= 0 (0 scores the whole trace)")
         if self.timeline_step_s < 1:
             raise ValueError(f"timeline_step_s ({self.timeline_step_s}) must be >= 1")
+        if not 0 <= self.metrics_lag_s <= 600:
+            raise ValueError(f"metrics_lag_s ({self.metrics_lag_s}) must be in [0, 600] seconds; 0 shows the policy the last second")
 
     def peak_rate_per_s(self) -> float:
         """Arrivals per second whose load needs ``peak_replicas`` (20 when unset) replicas at full use,
@@ -268,14 +276,32 @@ class _Controller:
         self.ongoing_integral = 0.0
         self.ups = self.downs = 0
         self.last_work = cfg.service_time_s
+        # Seconds observed and not yet seen by the policy (metrics_lag_s): (second, arrivals, work,
+        # in flight, queued).
+        self.lag_s = int(round(cfg.metrics_lag_s))
+        self.pending: deque[tuple[int, float, float, float, float]] = deque()
+        self.second = 0
+        self.seen_queue = 0.0
 
-    def observe(self, arrivals: float, work_s: float, ongoing: float) -> None:
-        """One simulated second of arrivals, their work and the requests in flight."""
-        self.arrivals += arrivals
-        self.work_s += work_s
-        self.ongoing_integral += ongoing
+    def observe(self, arrivals: float, work_s: float, ongoing: float, queued: float = 0.0) -> None:
+        """One simulated second of arrivals, their work, the requests in flight and the queue after it."""
+        if self.lag_s:
+            self.pending.append((self.second, arrivals, work_s, ongoing, queued))
+        else:
+            self.arrivals += arrivals
+            self.work_s += work_s
+            self.ongoing_integral += ongoing
+        self.second += 1
 
     def tick(self, now: float, queued: float) -> None:
+        if self.lag_s:
+            # The policy sees the seconds that ended metrics_lag_s ago, and the queue as it was then.
+            while self.pending and self.pending[0][0] < now - self.lag_s:
+                _, a, w, o, self.seen_queue = self.pending.popleft()
+                self.arrivals += a
+                self.work_s += w
+                self.ongoing_integral += o
+            queued = self.seen_queue
         span = max(now - self.last_s, 1e-9)
         if self.arrivals > 0:
             self.last_work = self.work_s / self.arrivals
@@ -570,7 +596,7 @@ def _run_fluid(p: Prepared, cfg: SimConfig, pool: Pool, ctl: _Controller, bar: _
                     queue.append([float(t), admit])
                     qsum += admit
         # In flight ≈ served per second x service time (Little), plus the queue.
-        ctl.observe(a, a * work, min(served_prev * work, pool.ready * slots) + qsum)
+        ctl.observe(a, a * work, min(served_prev * work, pool.ready * slots) + qsum, qsum)
         served_prev = served
         if t % step == 0:
             _timeline_point(tl, float(t), tl_acc / step if t else a, pool, total, ok)
@@ -655,7 +681,7 @@ def _run_requests(p: Prepared, cfg: SimConfig, pool: Pool, ctl: _Controller, bar
                     t_rej[win[i]] += 1
                 i += 1
         tl_acc += arrived
-        ctl.observe(arrived, work, in_service + len(queue))
+        ctl.observe(arrived, work, in_service + len(queue), float(len(queue)))
         if t % step == 0:
             _timeline_point(tl, float(t), tl_acc / step if t else arrived, pool, float(i), float(ok))
             tl_acc = 0

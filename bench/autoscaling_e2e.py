@@ -103,6 +103,8 @@ def spec(policy: str, provisioning_s: float):
             look_back_period_s=LOOK_BACK_S,
             policy="predictive",
             policy_params=predictive_params(provisioning_s),
+            # Every decision and its inputs go to the controller's log: compared with the simulator's.
+            log_every_decision=True,
         )
     else:
         auto = AutoscalingSpec(min_replicas=1, max_replicas=MAX_REPLICAS, look_back_period_s=LOOK_BACK_S, **RAY_DEFAULT)
@@ -280,17 +282,14 @@ def fifo_waits(arrivals: list[float], services: list[float], running: list[tuple
     return waits
 
 
-def scaling_decisions(logs_dir: str, t0: float) -> list[list[float]]:
-    """Ray's own record of each change of the replica target, from the Serve controller's log:
-    [seconds from ``t0``, from, to, the in-flight count Ray's policy saw]."""
+def controller_log(logs_dir: str, t0: float, pattern: str) -> list[tuple[float, "re.Match"]]:
+    """The Serve controller's log lines that match ``pattern`` (after the line's timestamp), with
+    their time in seconds from ``t0``, in time order."""
     import datetime
     import glob
     import re
 
-    line_re = re.compile(
-        r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}).*(?:Up|Down)scaling .* from (\d+) to (\d+) replicas\. "
-        r"Current ongoing requests: ([\d.]+)"
-    )
+    line_re = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}).*?" + pattern)
     out = []
     for path in glob.glob(f"{logs_dir}/serve/controller_*.log"):
         with open(path) as f:
@@ -298,8 +297,66 @@ def scaling_decisions(logs_dir: str, t0: float) -> list[list[float]]:
                 m = line_re.search(line)
                 if m:
                     at = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-                    out.append([round(at - t0, 1), int(m.group(2)), int(m.group(3)), float(m.group(4))])
-    return sorted(out)
+                    out.append((round(at - t0, 1), m))
+    return sorted(out, key=lambda x: x[0])
+
+
+def scaling_decisions(logs_dir: str, t0: float) -> list[list[float]]:
+    """Ray's own record of each change of the replica target, from the Serve controller's log:
+    [seconds from ``t0``, from, to, the in-flight count Ray's policy saw]."""
+    pattern = r"(?:Up|Down)scaling .* from (\d+) to (\d+) replicas\. Current ongoing requests: ([\d.]+)"
+    return [[t, int(m.group(2)), int(m.group(3)), float(m.group(4))] for t, m in controller_log(logs_dir, t0, pattern)]
+
+
+def policy_decisions(logs_dir: str, t0: float) -> list[list]:
+    """Every decision of the gpuserve policy (``log_every_decision``), from the Serve controller's log:
+    [seconds from ``t0``, from, to, the inputs it saw]."""
+    from autoscaling.ray_policy import parse_inputs
+
+    pattern = r"gpuserve autoscaling .*?: (\d+) -> (\d+) replicas.*\[([^\[\]]*)\]\s*$"
+    return [[t, int(m.group(2)), int(m.group(3)), parse_inputs(m.group(4))] for t, m in controller_log(logs_dir, t0, pattern)]
+
+
+def metrics_lag_s(decisions: list[list], arrivals: np.ndarray, step_s: float = 0.5, max_s: float = 10.0) -> dict | None:
+    """How late the gpuserve policy on Ray sees the arrivals: the shift of the true arrivals that best
+    matches the rates it logged at its decisions (least squares over 0 to ``max_s`` in ``step_s``).
+
+    Each logged rate counts the arrivals the replicas had reported between two decisions; on Ray they
+    report every ``metrics_interval_s``, and behind the gateways an arrival with the next dispatch.
+    """
+    pairs = [(a[0], b[0], b[3]["arrivals_per_s"]) for a, b in zip(decisions, decisions[1:]) if b[0] > a[0] and b[0] > 0]
+    if len(pairs) < 5:
+        return None
+    times = np.sort(np.asarray(arrivals, dtype=float))
+
+    def rate(lo: float, hi: float) -> float:
+        return float(np.searchsorted(times, hi, "right") - np.searchsorted(times, lo, "right")) / (hi - lo)
+
+    errs = {}
+    for k in range(int(max_s / step_s) + 1):
+        lag = k * step_s
+        errs[lag] = float(np.mean([(seen - rate(lo - lag, hi - lag)) ** 2 for lo, hi, seen in pairs]))
+    best = min(errs, key=errs.get)
+    return {"lag_s": best, "rms_per_s": round(errs[best] ** 0.5, 3), "rms_per_s_at_0": round(errs[0.0] ** 0.5, 3)}
+
+
+class RecordingPolicy:
+    """A policy whose every decision is recorded as the adapter logs it on Ray: [t, from, to, inputs]."""
+
+    def __init__(self, policy) -> None:
+        self.policy = policy
+        self.decisions: list[list] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self.policy, name)
+
+    def decide(self, ctx, state):
+        from autoscaling.ray_policy import describe_inputs, parse_inputs
+
+        d, s = self.policy.decide(ctx, state)
+        before = ctx.ready_replicas + ctx.starting_replicas
+        self.decisions.append([round(ctx.now_s, 1), before, d.replicas, parse_inputs(describe_inputs(ctx))])
+        return d, s
 
 
 def windows(values: list[tuple[float, float]], step_s: float, until_s: float) -> list[float]:
@@ -358,6 +415,7 @@ def run_real(policy: str, arrivals: np.ndarray, provisioning_s: float, score_fro
         end = time.time()
         events = cluster.events()
         decisions = scaling_decisions(f"{cluster.temp_dir}/session_latest/logs", t0)
+        every = policy_decisions(f"{cluster.temp_dir}/session_latest/logs", t0)
         node_seconds = cluster.gpu_node_seconds(until_s=end, since_s=t0 + score_from_s)
         watch.stop.set()
         serve.shutdown()
@@ -372,6 +430,7 @@ def run_real(policy: str, arrivals: np.ndarray, provisioning_s: float, score_fro
         return sum(1 for e in launched if e["t"] < t) - sum(1 for g in gone if g < t)
 
     reactions = watch.reactions_s([e["t"] for e in launched[1:]], nodes_at)
+    lag = metrics_lag_s(every, arrivals)
     replica_starts = watch.replica_starts_s(sorted(joined.values()))
     p10 = float(np.percentile([lat for _, s, lat, _ in results if s == 200], 10)) if results else HOLD_S
     # The time each request waited before a replica worked on it: its latency less the service time its
@@ -400,6 +459,8 @@ def run_real(policy: str, arrivals: np.ndarray, provisioning_s: float, score_fro
         "real_running": windows([(t - t0, float(c)) for t, c in watch.running], 10.0, span),
         "real_wait_mean_s": windows([(a, w) for a, _, w in scored], 10.0, span),
         "real_decisions": decisions,
+        # The gpuserve policy's every decision with its inputs (empty for Ray's default).
+        "real_policy_decisions": [d for d in every if d[0] <= span],
     }
     return {
         "slo_attainment": ok / len(scored) if scored else 1.0,
@@ -414,6 +475,9 @@ def run_real(policy: str, arrivals: np.ndarray, provisioning_s: float, score_fro
             "replica_start_s": [round(x, 2) for x in replica_starts],
             # From a rise of GPU demand above the GPU nodes to the launch that answered it.
             "reaction_s": [round(x, 2) for x in reactions],
+            # How late the policy saw the arrivals (its logged rates against the true ones); None
+            # for Ray's default, whose simulated version models Ray's pushes itself.
+            "metrics_lag": lag,
             "latency_s_p10": round(p10, 3),
             # Per request, as the replica reported it: the simulator serves each request in the mean.
             "service_s": {
@@ -458,6 +522,7 @@ def run_sim(policy: str, arrivals: np.ndarray, provisioning_s: float, measured: 
         hold_s=0.0,
         score_from_s=score_from_s,
         timeline_step_s=2.0,
+        metrics_lag_s=float((measured.get("metrics_lag") or {}).get("lag_s", 0.0)),
     )
     if policy == "predictive":
         s = spec(policy, provisioning_s)
@@ -473,7 +538,8 @@ def run_sim(policy: str, arrivals: np.ndarray, provisioning_s: float, measured: 
         )
     # The pool's standing node (min_nodes=1) is there from the start, as in the real run.
     trace = RequestTrace(arrivals, None, None, source="e2e")
-    r = simulate(prepare(trace, cfg), pol, cfg, name=policy)
+    rec = RecordingPolicy(pol) if policy == "predictive" else None
+    r = simulate(prepare(trace, cfg), rec or pol, cfg, name=policy)
     # The real run is charged until it ended (load, then scale-down and release); the simulator until
     # its last request, then its pool closes: charge the real run's tail at the simulator's final size.
     tail = max(0.0, run_s - r.simulated_s) * (r.timeline["nodes"][-1] if r.timeline["nodes"] else 0)
@@ -496,6 +562,7 @@ def run_sim(policy: str, arrivals: np.ndarray, provisioning_s: float, measured: 
         "within_slo": within,
         "ready_replicas": [tl["ready_replicas"][i] for i, t in enumerate(tl["t_s"]) if t % 10.0 == 0],
         "decisions": asked,
+        "policy_decisions": [d for d in rec.decisions if d[0] <= float(arrivals[-1]) + 1.0] if rec else [],
     }
 
 

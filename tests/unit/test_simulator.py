@@ -263,3 +263,43 @@ def test_progress_bar_reaches_100_percent_on_stderr(tmp_path, capsys):
     simulate(p, StepPolicy(1, 1, at_s=0.0), step_cfg(), name="steady", progress=True)
     err = capsys.readouterr().err
     assert "steady" in err and "100%" in err and err.endswith("\n")
+
+
+@dataclass
+class WatchingPolicy:
+    """Holds one replica and records what it saw: (now, arrivals per second, queued)."""
+
+    interval_s: float = 1.0
+    seen: list = None
+
+    def decide(self, ctx, state):
+        self.seen = (self.seen or []) + [(ctx.now_s, ctx.arrivals_per_s, ctx.queued_requests)]
+        return Decision(replicas=1), state
+
+
+@pytest.mark.parametrize("engine", ["requests", "fluid"])
+def test_metrics_lag_shows_the_policy_the_load_that_many_seconds_late(tmp_path, engine):
+    """On Ray a policy sees the load as of the replicas' last push (and, behind the gateways, of the last
+    dispatch): the simulator's ``metrics_lag_s`` models it. The step at t=100 reaches the policy 5 s later;
+    without the lag, at the first decision after it."""
+    if engine == "requests":
+        trace = step_trace(tmp_path)
+    else:
+        trace = RateTrace(window_s=100.0, rate_per_s=np.array([1.0, 3.0, 3.0, 3.0]), cv=np.array([1e-9] * 4), source="t")
+
+    def first_rise(lag):
+        cfg = step_cfg(metrics_lag_s=lag, max_queued_requests=10_000, deadline_s=1000.0)
+        pol = WatchingPolicy()
+        simulate(prepare(trace, cfg), pol, cfg)
+        rates = {t: a for t, a, _ in pol.seen}
+        queues = {t: q for t, _, q in pol.seen}
+        return min(t for t, a in rates.items() if a > 2.0), min(t for t, q in queues.items() if q > 0), rates
+
+    t0, q0, r0 = first_rise(0.0)
+    t5, q5, r5 = first_rise(5.0)
+    assert t0 == 101 and t5 == t0 + 5  # the second from 100 to 101 ends at 101
+    assert q5 == q0 + 5
+    # Late, not lost: the same arrivals are seen, shifted.
+    assert r5[150] == pytest.approx(r0[145])
+    with pytest.raises(ValueError, match=r"metrics_lag_s \(-1.0\) must be in \[0, 600\]"):
+        step_cfg(metrics_lag_s=-1.0)
