@@ -189,8 +189,14 @@ def main() -> None:
     ap.add_argument("--ablations", action="store_true", help="with --suite: each argued default against its alternatives")
     ap.add_argument("--seed", type=int, default=11, help="seed of the scenario draws (not one used in development)")
     ap.add_argument("--plots-dir", help="write one PNG per trace here")
+    ap.add_argument(
+        "--metrics-lag-s",
+        type=float,
+        default=0.0,
+        help="how late the policies see the load (SimConfig.metrics_lag_s; the end-to-end bench measures it on Ray)",
+    )
     args = ap.parse_args()
-    cfg = SimConfig()
+    cfg = SimConfig(metrics_lag_s=args.metrics_lag_s)
     doc: dict = {"benchmark": "autoscaling", "config": {k: v for k, v in cfg.__dict__.items()}, "traces": {}}
     if args.suite:
         todo = {f"scenario:{n}": make_scenario(n, cfg.peak_rate_per_s(), seed=args.seed) for n in scenario_names()}
