@@ -45,6 +45,23 @@ def pick_dtype(requested: str, device: str) -> Any:
     return getattr(torch, requested)
 
 
+def _field_names(model_cls: type[BaseModel]) -> set[str]:
+    """The field names of a request model and of the models nested in it."""
+    names: set[str] = set()
+    seen: set[type] = set()
+    todo: list[Any] = [model_cls]
+    while todo:
+        t = todo.pop()
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            if t not in seen:
+                seen.add(t)
+                names.update(t.model_fields)
+                todo.extend(f.annotation for f in t.model_fields.values())
+        else:
+            todo.extend(getattr(t, "__args__", ()))
+    return names
+
+
 def parse_body(model_cls: type[BaseModel], body: Any) -> Any:
     """Validate a JSON body against a request model, as an ``InvalidRequest``.
 
@@ -59,17 +76,32 @@ def parse_body(model_cls: type[BaseModel], body: Any) -> Any:
         return model_cls.model_validate(body)
     except ValidationError as e:
         errors = e.errors(include_url=False)
+        if not errors[0]["loc"]:
+            # A rule across fields (a model validator): its message names the fields and the fix.
+            msg = errors[0]["msg"].removeprefix("Value error, ")
+            first_word = msg.split(" ", 1)[0]
+            raise InvalidRequest(
+                msg, param=first_word if first_word in model_cls.model_fields else None, code="invalid_" + errors[0]["type"]
+            ) from None
         # Of the first field's errors, the deepest is the most precise (input[3], not input).
         first = [x for x in errors if x["loc"][:1] == errors[0]["loc"][:1]]
         err = max(first, key=lambda x: len(x["loc"]))
-        # Keep field names and list indices; drop pydantic's union-branch tags
+        # Keep field names (of nested models too) and list indices; drop pydantic's union-branch tags
         # ('str', 'list[str]', ...) which mean nothing to a client.
-        path = [p for p in err["loc"] if isinstance(p, int) or p in model_cls.model_fields or p == err["loc"][0]]
+        names = _field_names(model_cls)
+        path = [
+            p
+            for i, p in enumerate(err["loc"])
+            if isinstance(p, int) or p in names or i == 0
+            # The unknown key itself, for a field that is not allowed.
+            or (err["type"] == "extra_forbidden" and i == len(err["loc"]) - 1)
+        ]
         loc = "".join(f"[{p}]" if isinstance(p, int) else ("." if i else "") + str(p) for i, p in enumerate(path))
         given = err.get("input")
         shown = repr(given) if len(repr(given)) <= 80 else repr(given)[:77] + "..."
         if err["type"] == "extra_forbidden":
-            msg = f"unknown field {loc!r}; remove it (accepted fields: {', '.join(model_cls.model_fields)})"
+            accepted = f" (accepted fields: {', '.join(model_cls.model_fields)})" if len(path) == 1 else ""
+            msg = f"unknown field {loc!r}; remove it{accepted}"
         elif err["type"] == "missing":
             msg = f"field {loc!r} is required"
         else:

@@ -1,9 +1,12 @@
-"""Causal language models behind OpenAI's ``/v1/completions``.
+"""Causal language models behind OpenAI's ``/v1/completions`` and ``/v1/chat/completions``.
 
+A chat request's ``messages`` are rendered with the tokenizer's chat template;
+from then on both endpoints are one work item: token ids and sampling settings.
 Non-streaming requests are batched: requests with the same sampling settings
-share one left-padded ``generate`` call. Streaming requests (``stream: true``)
-run one at a time and yield text deltas; stop sequences are honoured in both,
-and a streamed delta never shows text that a stop sequence later removes.
+share one left-padded ``generate`` call (a seeded sampled request runs alone, so
+its seed alone decides its text). Streaming requests (``stream: true``) yield
+text deltas; stop sequences are honoured in both, and a streamed delta never
+shows text that a stop sequence later removes.
 """
 
 from __future__ import annotations
@@ -12,34 +15,49 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator, model_validator
 
 from deployments._base import Task, parse_body
 from serving.errors import InvalidRequest
 
-__all__ = ["CausalLM", "CompletionsRequest", "TextGenerationTask"]
+__all__ = ["CausalLM", "ChatCompletionsRequest", "CompletionsRequest", "TextGenerationTask"]
 
 MAX_STOP_SEQUENCES = 4
 # New tokens per warm-up request: enough to run the decode loop, cheap on any model.
 WARMUP_NEW_TOKENS = 4
+# OpenAI's default for /v1/completions; chat's default is the rest of the context.
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 
-class CompletionsRequest(BaseModel):
-    """The body of ``POST /v1/completions`` (OpenAI's shape, the fields gpuserve honours)."""
+class StreamOptions(BaseModel):
+    """``stream_options`` of a streamed request."""
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: Union[StrictStr, list[StrictStr]] = Field(description="A prompt or a list of prompts.")
+    include_usage: StrictBool = Field(
+        default=False, description="End the stream with a chunk that carries the usage and no choices."
+    )
+
+
+class _GenerationFields(BaseModel):
+    """The fields both endpoints share: the model, sampling, stop sequences and streaming."""
+
+    model_config = ConfigDict(extra="forbid")
+
     model: Optional[StrictStr] = None
-    max_tokens: int = Field(default=16, ge=1, le=32768, description="Most new tokens per prompt.")
+    max_tokens: Optional[int] = Field(default=None, ge=1, le=32768, description="Most new tokens.")
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: Optional[int] = Field(
+        default=None, ge=0, lt=2**63, description="Seeds sampling: the same seed, settings and prompt give the same text."
+    )
     stop: Optional[Union[StrictStr, list[StrictStr]]] = Field(
         default=None, description=f"Up to {MAX_STOP_SEQUENCES} sequences that end the text (not included)."
     )
     stream: StrictBool = False
+    stream_options: Optional[StreamOptions] = Field(default=None, description="Only with stream: true.")
     n: int = Field(default=1, ge=1, le=1, description="Only 1 is supported.")
     user: Optional[StrictStr] = None
 
@@ -53,25 +71,102 @@ class CompletionsRequest(BaseModel):
             raise ValueError("stop sequences must not be empty strings")
         return v
 
+    @model_validator(mode="after")
+    def _stream_options_need_a_stream(self) -> "_GenerationFields":
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true; drop it or set stream: true")
+        return self
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionsRequest(_GenerationFields):
+    """The body of ``POST /v1/completions`` (OpenAI's shape, the fields gpuserve honours)."""
+
+    prompt: Union[StrictStr, list[StrictStr]] = Field(description="A prompt or a list of prompts.")
+    max_tokens: Optional[int] = Field(
+        default=COMPLETIONS_DEFAULT_MAX_TOKENS, ge=1, le=32768, description="Most new tokens per prompt."
+    )
+
+
+class TextPart(BaseModel):
+    """One part of a message's content: only text is served."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"] = Field(description="'text' (images and audio are not served).")
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    """One message of a conversation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[StrictStr, list[TextPart]]
+    name: Optional[StrictStr] = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionsRequest(_GenerationFields):
+    """The body of ``POST /v1/chat/completions`` (OpenAI's shape, the fields gpuserve honours)."""
+
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
+    max_tokens: Optional[int] = Field(
+        default=None, ge=1, le=32768, description="Most new tokens (default: up to the model's context)."
+    )
+    max_completion_tokens: Optional[int] = Field(
+        default=None, ge=1, le=32768, description="OpenAI's newer name for max_tokens."
+    )
+
+    @model_validator(mode="after")
+    def _one_token_limit(self) -> "ChatCompletionsRequest":
+        a, b = self.max_tokens, self.max_completion_tokens
+        if a is not None and b is not None and a != b:
+            raise ValueError(
+                f"max_tokens ({a}) and max_completion_tokens ({b}) disagree; send one of them"
+            )
+        return self
+
+    def token_limit(self) -> Optional[int]:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
 
 @dataclass
 class CompletionItem:
-    """One parsed prompt with its generation settings."""
+    """One prompt, as token ids, with its generation settings."""
 
-    prompt: str
-    prompt_tokens: int
+    prompt_ids: list[int]
     max_tokens: int
     temperature: float
     top_p: float
     stop: list[str]
     stream: bool
     index: int = 0
+    seed: Optional[int] = None
+    # The endpoint's answer shape, and whether a stream ends with a usage chunk.
+    chat: bool = False
+    include_usage: bool = False
     # Filled for multi-prompt requests: the items of one request are answered together.
     siblings: list["CompletionItem"] = field(default_factory=list)
 
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
     def sampling_key(self) -> tuple:
-        """Items with equal keys can share one generate() call."""
-        return (self.temperature, self.top_p)
+        """Items with equal keys can share one generate() call.
+
+        A seeded sampled item gets a key of its own: in a batch, the other rows would draw from its
+        random stream, and its text would depend on who it was batched with.
+        """
+        if self.seed is not None and self.temperature > 0.0:
+            return (self.temperature, self.top_p, self.seed, id(self))
+        return (self.temperature, self.top_p, None)
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -111,8 +206,27 @@ class CausalLM:
             getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
         )
 
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a prompt, special tokens included (a BOS where the model wants one)."""
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        return len(self.encode(text))
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation rendered with the tokenizer's chat template, ready for the reply.
+
+        The template writes its own special tokens, so none are added on top. Raises ``ValueError``
+        when the model has no template and the template's own error when it refuses the messages.
+        """
+        if not self.has_chat_template:
+            raise ValueError("the model's tokenizer has no chat template")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _gen_kwargs(self, max_new_tokens: int, temperature: float, top_p: float) -> dict[str, Any]:
         kw: dict[str, Any] = {
@@ -126,17 +240,35 @@ class CausalLM:
             kw.update(do_sample=True, temperature=temperature, top_p=top_p)
         return kw
 
+    def _inputs(self, prompts: list[list[int]]) -> Any:
+        """A left-padded batch (ids and attention mask) on the model's device."""
+        return self.tokenizer.pad({"input_ids": prompts}, return_tensors="pt", padding=True).to(self.device)
+
+    @staticmethod
+    def _seed(seed: Optional[int]) -> None:
+        # generate() draws from torch's global generator; the model thread is the one caller of a batch.
+        if seed is not None:
+            import torch
+
+            torch.manual_seed(seed)
+
     def generate(
-        self, prompts: list[str], max_new_tokens: list[int], temperature: float, top_p: float
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: list[int],
+        temperature: float,
+        top_p: float,
+        seed: Optional[int] = None,
     ) -> list[tuple[list[int], bool]]:
-        """Generate for prompts sharing sampling settings.
+        """Generate for prompts (token ids) sharing sampling settings.
 
         Returns per prompt the new token ids (at most its own ``max_new_tokens``)
         and whether it ended on the end-of-sequence token.
         """
         import torch
 
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
+        enc = self._inputs(prompts)
+        self._seed(seed)
         with torch.inference_mode():
             out = self.model.generate(**enc, **self._gen_kwargs(max(max_new_tokens), temperature, top_p))
         new = out[:, enc["input_ids"].shape[1] :].tolist()
@@ -152,14 +284,15 @@ class CausalLM:
 
     def stream(
         self,
-        prompt: str,
+        prompt: list[int],
         max_new_tokens: int,
         temperature: float,
         top_p: float,
         cancel: threading.Event,
         stats: dict[str, Any],
+        seed: Optional[int] = None,
     ) -> Iterator[str]:
-        """Yield decoded text pieces as they are generated.
+        """Yield decoded text pieces as they are generated for one prompt (token ids).
 
         ``cancel`` stops generation early; ``stats`` receives ``new_tokens`` and
         ``ended_on_eos`` as generation proceeds.
@@ -167,7 +300,7 @@ class CausalLM:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-        enc = self.tokenizer([prompt], return_tensors="pt").to(self.device)
+        enc = self._inputs([prompt])
         prompt_len = enc["input_ids"].shape[1]
         eos = self.tokenizer.eos_token_id
         stats.update(new_tokens=0, ended_on_eos=False)
@@ -184,6 +317,7 @@ class CausalLM:
 
         def _run() -> None:
             try:
+                self._seed(seed)
                 with torch.inference_mode():
                     self.model.generate(
                         **enc, streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled()]), **kw
@@ -206,16 +340,20 @@ class CausalLM:
 
 
 class TextGenerationTask(Task):
-    """The ``text_generation`` task: OpenAI ``/v1/completions`` over a CausalLM."""
+    """The ``text_generation`` task: OpenAI ``/v1/completions`` and ``/v1/chat/completions`` over a CausalLM."""
 
-    endpoints = frozenset({"completions"})
+    endpoints = frozenset({"completions", "chat/completions"})
 
     def load(self) -> None:
         self.lm = CausalLM(self.model_dir, self.device, self.dtype)
         self.model = self.lm.model
         self.max_positions = min(self.spec.model.max_input_tokens or self.lm.max_positions, self.lm.max_positions)
 
+    # -- parsing -------------------------------------------------------------
+
     def parse(self, endpoint: str, body: Any) -> CompletionItem:
+        if endpoint == "chat/completions":
+            return self._parse_chat(body)
         req = parse_body(CompletionsRequest, body)
         self.check_model(req.model)
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
@@ -234,26 +372,70 @@ class TextGenerationTask(Task):
                 param="stream",
                 code="unsupported_stream",
             )
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         items = []
         for i, p in enumerate(prompts):
             if not p:
                 raise InvalidRequest(f"prompt[{i}] is empty", param=f"prompt[{i}]", code="empty_input")
-            n = self.lm.count_tokens(p)
-            if n + req.max_tokens > self.max_positions:
-                raise InvalidRequest(
-                    f"prompt[{i}] is {n} tokens and max_tokens is {req.max_tokens}: {n + req.max_tokens} is more "
-                    f"than the model's context of {self.max_positions} tokens; shorten the prompt or lower max_tokens",
-                    param="max_tokens" if n < self.max_positions else f"prompt[{i}]",
-                    code="context_length_exceeded",
-                )
-            items.append(CompletionItem(p, n, req.max_tokens, req.temperature, req.top_p, stops, req.stream, i))
+            items.append(self._item(req, self.lm.encode(p), req.max_tokens, f"prompt[{i}]", index=i))
         head = items[0]
         head.siblings = items[1:]
         return head
 
+    def _parse_chat(self, body: Any) -> CompletionItem:
+        req = parse_body(ChatCompletionsRequest, body)
+        self.check_model(req.model)
+        if not self.lm.has_chat_template:
+            raise InvalidRequest(
+                f"model {self.spec.served_name!r} has no chat template, so its messages cannot be rendered; "
+                "send the text to /v1/completions, or serve the model with a tokenizer that has a chat_template",
+                param="messages",
+                code="chat_template_missing",
+            )
+        # Templates know system, user and assistant; OpenAI's newer 'developer' role is a system message.
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        try:
+            ids = self.lm.encode_chat(messages)
+        except Exception as e:  # noqa: BLE001 - a template refusing the conversation (jinja's raise_exception)
+            raise InvalidRequest(
+                f"the model's chat template refused these messages: {e}; fix the order or roles of messages",
+                param="messages",
+                code="invalid_messages",
+            ) from None
+        return self._item(req, ids, req.token_limit(), "messages", chat=True)
+
+    def _item(
+        self, req: _GenerationFields, ids: list[int], max_tokens: Optional[int], what: str, index: int = 0, chat: bool = False
+    ) -> CompletionItem:
+        """The work item of one prompt, its length checked against the context."""
+        n = len(ids)
+        room = self.max_positions - n
+        if max_tokens is None:
+            # Chat's default: the rest of the context (as OpenAI's).
+            if room < 1:
+                raise InvalidRequest(
+                    f"{what} is {n} tokens, which leaves no room for a reply in the model's context of "
+                    f"{self.max_positions} tokens; shorten it",
+                    param=what,
+                    code="context_length_exceeded",
+                )
+            max_tokens = room
+        elif max_tokens > room:
+            raise InvalidRequest(
+                f"{what} is {n} tokens and max_tokens is {max_tokens}: {n + max_tokens} is more than the model's "
+                f"context of {self.max_positions} tokens; shorten the {'messages' if chat else 'prompt'} or lower "
+                "max_tokens",
+                param="max_tokens" if n < self.max_positions else what,
+                code="context_length_exceeded",
+            )
+        usage = req.stream_options.include_usage if req.stream_options else False
+        return CompletionItem(
+            ids, max_tokens, req.temperature, req.top_p, req.stops(), req.stream, index, req.seed, chat, usage
+        )
+
     def wants_stream(self, item: CompletionItem) -> bool:
         return item.stream
+
+    # -- answering -----------------------------------------------------------
 
     def _complete(self, items: list[CompletionItem]) -> list[tuple[str, str, int]]:
         """(text, finish_reason, completion_tokens) per item, grouping equal sampling settings."""
@@ -261,9 +443,14 @@ class TextGenerationTask(Task):
         groups: dict[tuple, list[int]] = {}
         for i, it in enumerate(items):
             groups.setdefault(it.sampling_key(), []).append(i)
-        for (temperature, top_p), idx in groups.items():
+        for idx in groups.values():
+            first = items[idx[0]]
             outs = self.lm.generate(
-                [items[i].prompt for i in idx], [items[i].max_tokens for i in idx], temperature, top_p
+                [items[i].prompt_ids for i in idx],
+                [items[i].max_tokens for i in idx],
+                first.temperature,
+                first.top_p,
+                first.seed if first.temperature > 0.0 else None,
             )
             for i, (ids, ended) in zip(idx, outs):
                 text = self.lm.tokenizer.decode(ids, skip_special_tokens=True)
@@ -271,6 +458,15 @@ class TextGenerationTask(Task):
                 reason = "stop" if (stopped or ended) else "length"
                 results[i] = (text, reason, len(ids))
         return results  # type: ignore[return-value]
+
+    def _envelope(self, item: CompletionItem, cid: str, created: int) -> dict[str, Any]:
+        """The fields every answer and chunk of one request shares."""
+        kind = ("chat.completion" if item.chat else "text_completion") + ("" if not item.stream or not item.chat else ".chunk")
+        return {"id": cid, "object": kind, "created": created, "model": self.spec.served_name}
+
+    @staticmethod
+    def _new_id(item: CompletionItem) -> str:
+        return ("chatcmpl-" if item.chat else "cmpl-") + uuid.uuid4().hex
 
     def run_batch(self, items: list[CompletionItem]) -> list[dict[str, Any]]:
         flat = [x for it in items for x in [it, *it.siblings]]
@@ -280,40 +476,27 @@ class TextGenerationTask(Task):
             choices, prompt_tokens, completion_tokens = [], 0, 0
             for member in [it, *it.siblings]:
                 text, reason, n = next(done)
-                choices.append({"text": text, "index": member.index, "finish_reason": reason, "logprobs": None})
+                if it.chat:
+                    message = {"role": "assistant", "content": text}
+                    choices.append({"index": member.index, "message": message, "finish_reason": reason, "logprobs": None})
+                else:
+                    choices.append({"text": text, "index": member.index, "finish_reason": reason, "logprobs": None})
                 prompt_tokens += member.prompt_tokens
                 completion_tokens += n
             out.append(
                 {
-                    "id": f"cmpl-{uuid.uuid4().hex}",
-                    "object": "text_completion",
-                    "created": int(time.time()),
-                    "model": self.spec.served_name,
+                    **self._envelope(it, self._new_id(it), int(time.time())),
                     "choices": choices,
-                    "usage": {
-                        "prompt_tokens": prompt_tokens,
-                        "completion_tokens": completion_tokens,
-                        "total_tokens": prompt_tokens + completion_tokens,
-                    },
+                    "usage": _usage(prompt_tokens, completion_tokens),
                 }
             )
         return out
 
-    def stream(self, item: CompletionItem, cancel: threading.Event) -> Iterator[dict[str, Any]]:
-        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def chunk(text: str, reason: Optional[str]) -> dict[str, Any]:
-            return {
-                "id": cid,
-                "object": "text_completion",
-                "created": created,
-                "model": self.spec.served_name,
-                "choices": [{"text": text, "index": 0, "finish_reason": reason, "logprobs": None}],
-            }
-
-        stats: dict[str, Any] = {}
+    def _text_deltas(self, item: CompletionItem, cancel: threading.Event, stats: dict[str, Any]) -> Iterator[tuple[str, Optional[str]]]:
+        """(text, finish_reason) deltas of a stream: reason None until the last, which may carry text."""
         text, shown, reason = "", 0, "length"
-        for piece in self.lm.stream(item.prompt, item.max_tokens, item.temperature, item.top_p, cancel, stats):
+        pieces = self.lm.stream(item.prompt_ids, item.max_tokens, item.temperature, item.top_p, cancel, stats, item.seed)
+        for piece in pieces:
             text += piece
             cut, stopped = cut_at_stop(text, item.stop)
             if stopped:
@@ -322,16 +505,44 @@ class TextGenerationTask(Task):
                 break
             safe = safe_prefix_len(text, item.stop)
             if safe > shown:
-                yield chunk(text[shown:safe], None)
+                yield text[shown:safe], None
                 shown = safe
         else:
             if stats.get("ended_on_eos"):
                 reason = "stop"
-        tail = text[shown:]
-        yield chunk(tail, reason)
+        yield text[shown:], reason
+
+    def stream(self, item: CompletionItem, cancel: threading.Event) -> Iterator[dict[str, Any]]:
+        head = self._envelope(item, self._new_id(item), int(time.time()))
+        # With include_usage every chunk carries "usage": null and a last chunk the usage (OpenAI's shape).
+        tail = {"usage": None} if item.include_usage else {}
+
+        def chunk(text: Optional[str], reason: Optional[str], role: bool = False) -> dict[str, Any]:
+            if item.chat:
+                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+                choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+            else:
+                choice = {"text": text or "", "index": 0, "finish_reason": reason, "logprobs": None}
+            return {**head, "choices": [choice], **tail}
+
+        if item.chat:
+            yield chunk(None, None, role=True)
+        stats: dict[str, Any] = {}
+        for text, reason in self._text_deltas(item, cancel, stats):
+            if item.chat and reason is not None and text:
+                # Chat ends on a delta of its own: text first, then the reason with an empty delta.
+                yield chunk(text, None)
+                text = ""
+            yield chunk(text, reason)
+        if item.include_usage:
+            # The end-of-sequence token is generated but not part of the text (as in run_batch).
+            made = int(stats.get("new_tokens", 0)) - int(bool(stats.get("ended_on_eos")))
+            yield {**head, "choices": [], "usage": _usage(item.prompt_tokens, made)}
+
+    # -- warm-up and memory --------------------------------------------------
 
     def warmup_items(self, texts: list[str]) -> list[CompletionItem]:
-        return [CompletionItem(t, self.lm.count_tokens(t), WARMUP_NEW_TOKENS, 0.0, 1.0, [], False) for t in texts]
+        return [CompletionItem(self.lm.encode(t), WARMUP_NEW_TOKENS, 0.0, 1.0, [], False) for t in texts]
 
     def count_tokens(self, text: str) -> int:
         return self.lm.count_tokens(text)
@@ -343,4 +554,12 @@ class TextGenerationTask(Task):
         return self.max_positions - WARMUP_NEW_TOKENS
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "context_tokens": self.max_positions}
+        return {**super().describe(), "context_tokens": self.max_positions, "chat_template": self.lm.has_chat_template}
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }

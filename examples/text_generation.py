@@ -1,4 +1,4 @@
-"""Text generation (OpenAI /v1/completions) with a causal LM from a local directory.
+"""Text generation (OpenAI /v1/completions and /v1/chat/completions) with a causal LM from a local directory.
 
 gpuserve never downloads weights at run time: fetch them first (for example
 ``huggingface-cli download Qwen/Qwen2.5-0.5B --local-dir /models/qwen``, or a
@@ -12,6 +12,12 @@ default 1) and loads the model in float16 there ('auto' dtype). Set
 
     curl -N http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
          -d '{"model": "my-llm", "prompt": "Once upon a time", "max_tokens": 32, "stream": true}'
+
+Chat renders ``messages`` with the tokenizer's chat template (a model without one answers 400)::
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    client.chat.completions.create(model="my-llm", messages=[{"role": "user", "content": "Hi"}], max_tokens=32)
 """
 
 import os

@@ -220,6 +220,10 @@ class Client(_Base):
     def completions(self, prompt: Any, **kw: Any) -> dict[str, Any]:
         return self.post("/v1/completions", {"prompt": prompt, **kw})
 
+    def chat(self, messages: list[dict[str, Any]], **kw: Any) -> dict[str, Any]:
+        """``POST /v1/chat/completions`` (not streamed)."""
+        return self.post("/v1/chat/completions", {"messages": messages, **kw})
+
     def close(self) -> None:
         self._http.close()
 
@@ -261,6 +265,10 @@ class AsyncClient(_Base):
 
     async def completions(self, prompt: Any, **kw: Any) -> dict[str, Any]:
         return await self.post("/v1/completions", {"prompt": prompt, **kw})
+
+    async def chat(self, messages: list[dict[str, Any]], **kw: Any) -> dict[str, Any]:
+        """``POST /v1/chat/completions`` (not streamed)."""
+        return await self.post("/v1/chat/completions", {"messages": messages, **kw})
 
     async def aclose(self) -> None:
         await self._http.aclose()

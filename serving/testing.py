@@ -138,12 +138,25 @@ def honouring_post(
     return seen, told, time.monotonic() - start
 
 
+# A plain role-tagged template: enough to exercise rendering, the generation prompt, and a template
+# that refuses a conversation (as many real ones do) when a system message is not the first.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' and not loop.first %}"
+    "{{ raise_exception('a system message may only come first') }}{% endif %}"
+    "<{{ m['role'] }}>{{ m['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
 def make_tiny_causal_lm(
     directory: Union[str, Path],
     *,
     n_positions: int = 256,
     vocab_size: int = 400,
     seed: int = 0,
+    chat_template: Optional[str] = TINY_CHAT_TEMPLATE,
 ) -> Path:
     """Write a tiny GPT-2-style model with a byte-level BPE tokenizer.
 
@@ -152,6 +165,7 @@ def make_tiny_causal_lm(
         n_positions: The model's context length, in tokens.
         vocab_size: Target tokenizer vocabulary size (byte-level: any text encodes).
         seed: Seed for the random weights, so outputs are reproducible.
+        chat_template: The tokenizer's chat template (Jinja), or None for a model without one.
 
     Returns:
         The directory, ready for ``AutoModelForCausalLM.from_pretrained``.
@@ -176,6 +190,8 @@ def make_tiny_causal_lm(
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=eos, bos_token=eos, unk_token=eos, model_max_length=n_positions
     )
+    if chat_template is not None:
+        fast.chat_template = chat_template
     fast.save_pretrained(out)
 
     torch.manual_seed(seed)

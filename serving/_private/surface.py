@@ -110,6 +110,7 @@ class OpenAIRoutes:
 ROUTES: tuple[tuple[str, str, str, str, str], ...] = (
     ("POST", "/v1/embeddings", "_endpoint", "embeddings", "OpenAI embeddings."),
     ("POST", "/v1/completions", "_endpoint", "completions", "OpenAI completions (stream: true for server-sent events)."),
+    ("POST", "/v1/chat/completions", "_endpoint", "chat/completions", "OpenAI chat completions (messages rendered with the model's chat template)."),
     ("GET", "/v1/models", "_get", "models", "The one model this deployment serves."),
     ("GET", "/health", "_get", "health", "Readiness of a model replica."),
 )
@@ -138,7 +139,7 @@ def make_api(cls: type, description: str, extra_get: Optional[dict[str, str]] = 
     api = FastAPI(title="gpuserve", description=description)
     api.add_exception_handler(StarletteHTTPException, _not_found)
     for method, path, hook, arg, doc in ROUTES:
-        api.add_api_route(path, _route(cls, hook, arg, arg, doc), methods=[method])
+        api.add_api_route(path, _route(cls, hook, arg, arg.replace("/", "_"), doc), methods=[method])
     for path, name in (extra_get or {}).items():
         api.add_api_route(path, _route(cls, name, None, name, getattr(cls, name).__doc__ or ""), methods=["GET"])
     return api

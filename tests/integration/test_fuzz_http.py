@@ -17,13 +17,27 @@ json_values = st.recursive(
 )
 FIELDS = [
     "input", "prompt", "model", "encoding_format", "dimensions", "user", "stream", "max_tokens", "temperature",
-    "top_p", "n", "stop", "seed", "echo", "logprobs", "suffix",
+    "top_p", "n", "stop", "seed", "echo", "logprobs", "suffix", "messages", "max_completion_tokens", "stream_options",
 ]
 shaped = st.dictionaries(
     st.sampled_from(FIELDS),
     json_values | st.lists(st.text(max_size=30), max_size=6) | st.integers(-5, 100_000),
     max_size=6,
 )
+# Chat bodies: messages close to valid (roles, text or parts, odd orders) with the other fields fuzzed.
+messages = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "user", "assistant", "developer", "tool", "", 3])},
+        optional={
+            "content": st.text(max_size=40)
+            | st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]), "text": st.text(max_size=10)}), max_size=3)
+            | json_values,
+            "name": json_scalars,
+        },
+    ),
+    max_size=4,
+)
+chat_shaped = st.builds(lambda m, rest: {"messages": m, **rest}, messages, shaped)
 headers = st.fixed_dictionaries(
     {},
     optional={
@@ -65,6 +79,15 @@ def test_fuzz_completions_deployment(generation_client):
     @given(body=bodies, hdrs=headers)
     def run(body, hdrs):
         check(generation_client.post("/v1/completions", content=body, headers=hdrs))
+
+    run()
+
+
+def test_fuzz_chat_completions(generation_client):
+    @FUZZ
+    @given(body=chat_shaped.map(lambda d: json.dumps(d).encode()) | bodies, hdrs=headers)
+    def run(body, hdrs):
+        check(generation_client.post("/v1/chat/completions", content=body, headers=hdrs))
 
     run()
 
