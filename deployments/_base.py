@@ -196,6 +196,11 @@ class Task(ABC):
         """Yield the response chunks of a streaming work item; stop soon after ``cancel`` is set."""
         raise NotImplementedError
 
+    def progress_s(self) -> Optional[float]:
+        """Monotonic time of the model's last sign of progress inside a request (a generated token),
+        or None when the task reports none (liveness then counts completions only)."""
+        return None
+
     def check_model(self, requested: Optional[str]) -> None:
         """Refuse requests that name another model than this deployment serves."""
         if requested is not None and requested != self.spec.served_name:

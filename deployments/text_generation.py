@@ -11,6 +11,7 @@ shows text that a stop sequence later removes.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -20,7 +21,10 @@ from typing import Any, Iterator, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator, model_validator
 
 from deployments._base import Task, parse_body
+from deployments._scheduler import Finished, GenerationScheduler, Sequence, cut_at_stop, safe_prefix_len, supports
 from serving.errors import InvalidRequest
+
+logger = logging.getLogger("ray.serve")
 
 __all__ = ["CausalLM", "ChatCompletionsRequest", "CompletionsRequest", "TextGenerationTask"]
 
@@ -169,21 +173,16 @@ class CompletionItem:
         return (self.temperature, self.top_p, None)
 
 
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """Cut ``text`` at the earliest stop sequence; return (text, whether one was found)."""
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
+# What ``generation.scheduler: auto`` runs on each device: the faster in bench/generation.py
+# (docs/benchmarks.md). Only measured devices are listed; others take the iteration scheduler.
+AUTO_SCHEDULER = {"cpu": "iteration"}
 
 
-def safe_prefix_len(text: str, stops: list[str]) -> int:
-    """Length of ``text`` that can be shown without risking a partial stop sequence."""
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                hold = max(hold, k)
-                break
-    return len(text) - hold
+def resolve_scheduler(requested: str, device: str) -> str:
+    """The scheduler a replica runs: the requested one, or for 'auto' the one measured faster on its device."""
+    if requested != "auto":
+        return requested
+    return AUTO_SCHEDULER.get(device, "iteration")
 
 
 class CausalLM:
@@ -205,6 +204,8 @@ class CausalLM:
         self.max_positions = int(
             getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
         )
+        # Monotonic time of the last token generated on the static path (liveness by progress).
+        self.last_token_s: Optional[float] = None
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a prompt, special tokens included (a BOS where the model wants one)."""
@@ -240,6 +241,21 @@ class CausalLM:
             kw.update(do_sample=True, temperature=temperature, top_p=top_p)
         return kw
 
+    def _progress_criteria(self) -> Any:
+        """A stopping criterion that never stops: it stamps ``last_token_s`` at every generated token."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        lm = self
+
+        class _Progress(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):  # noqa: ARG002 - transformers' signature
+                import torch
+
+                lm.last_token_s = time.monotonic()
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        return StoppingCriteriaList([_Progress()])
+
     def _inputs(self, prompts: list[list[int]]) -> Any:
         """A left-padded batch (ids and attention mask) on the model's device."""
         return self.tokenizer.pad({"input_ids": prompts}, return_tensors="pt", padding=True).to(self.device)
@@ -270,7 +286,9 @@ class CausalLM:
         enc = self._inputs(prompts)
         self._seed(seed)
         with torch.inference_mode():
-            out = self.model.generate(**enc, **self._gen_kwargs(max(max_new_tokens), temperature, top_p))
+            out = self.model.generate(
+                **enc, stopping_criteria=self._progress_criteria(), **self._gen_kwargs(max(max_new_tokens), temperature, top_p)
+            )
         new = out[:, enc["input_ids"].shape[1] :].tolist()
         eos = self.tokenizer.eos_token_id
         results = []
@@ -305,8 +323,11 @@ class CausalLM:
         eos = self.tokenizer.eos_token_id
         stats.update(new_tokens=0, ended_on_eos=False)
 
+        lm = self
+
         class _Cancelled(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):  # noqa: ARG002 - transformers' signature
+                lm.last_token_s = time.monotonic()
                 stats["new_tokens"] = input_ids.shape[1] - prompt_len
                 stats["ended_on_eos"] = bool(input_ids[0, -1].item() == eos)
                 return cancel.is_set()
@@ -348,6 +369,32 @@ class TextGenerationTask(Task):
         self.lm = CausalLM(self.model_dir, self.device, self.dtype)
         self.model = self.lm.model
         self.max_positions = min(self.spec.model.max_input_tokens or self.lm.max_positions, self.lm.max_positions)
+        self.scheduler: Optional[GenerationScheduler] = None
+        self.scheduler_mode = resolve_scheduler(self.spec.generation.scheduler, self.device)
+        if self.scheduler_mode == "iteration":
+            why_not = supports(self.model)
+            if why_not is not None:
+                logger.warning("gpuserve: the iteration scheduler cannot run this model (%s); using static", why_not)
+                self.scheduler_mode = "static"
+            else:
+                self.scheduler = GenerationScheduler(
+                    self.model, self.lm.tokenizer, self.spec.generation.max_running_sequences
+                )
+
+    @property
+    def runs_concurrently(self) -> bool:
+        """With the scheduler, requests are handed over one by one as they come: it batches them per step."""
+        return self.scheduler is not None
+
+    def progress_s(self) -> Optional[float]:
+        """When the model last generated a token (a decode step), on either path."""
+        marks = [x for x in (self.lm.last_token_s, self.scheduler.last_step_s if self.scheduler else None) if x]
+        return max(marks, default=None)
+
+    def _sequence(self, item: CompletionItem, incremental: bool) -> Sequence:
+        return Sequence(
+            item.prompt_ids, item.max_tokens, item.temperature, item.top_p, item.stop, item.seed, incremental
+        )
 
     # -- parsing -------------------------------------------------------------
 
@@ -439,6 +486,10 @@ class TextGenerationTask(Task):
 
     def _complete(self, items: list[CompletionItem]) -> list[tuple[str, str, int]]:
         """(text, finish_reason, completion_tokens) per item, grouping equal sampling settings."""
+        if self.scheduler is not None:
+            seqs = [self.scheduler.submit(self._sequence(it, incremental=bool(it.stop))) for it in items]
+            done = [self.scheduler.result(q) for q in seqs]
+            return [(text, end.reason, end.completion_tokens) for text, end in done]
         results: list[Optional[tuple[str, str, int]]] = [None] * len(items)
         groups: dict[tuple, list[int]] = {}
         for i, it in enumerate(items):
@@ -494,6 +545,22 @@ class TextGenerationTask(Task):
 
     def _text_deltas(self, item: CompletionItem, cancel: threading.Event, stats: dict[str, Any]) -> Iterator[tuple[str, Optional[str]]]:
         """(text, finish_reason) deltas of a stream: reason None until the last, which may carry text."""
+        if self.scheduler is not None:
+            seq = self.scheduler.submit(self._sequence(item, incremental=True))
+            try:
+                while True:
+                    ev = self.scheduler.next_event(seq, cancel)
+                    if isinstance(ev, BaseException):
+                        raise ev
+                    if isinstance(ev, Finished):
+                        stats.update(new_tokens=ev.completion_tokens, ended_on_eos=False)
+                        if ev.reason != "cancelled":  # else nobody is left to read a last chunk
+                            yield "", ev.reason
+                        return
+                    yield ev, None
+            finally:
+                # The client left (the generator closed): the sequence leaves the batch at the next step.
+                seq.cancel()
         text, shown, reason = "", 0, "length"
         pieces = self.lm.stream(item.prompt_ids, item.max_tokens, item.temperature, item.top_p, cancel, stats, item.seed)
         for piece in pieces:

@@ -22,6 +22,7 @@ __all__ = [
     "AuthSpec",
     "AutoscalingSpec",
     "BatchingSpec",
+    "GenerationSpec",
     "ModelDeployment",
     "ModelSource",
     "HealthSpec",
@@ -483,6 +484,20 @@ class BatchingSpec(_Spec):
     )
 
 
+class GenerationSpec(_Spec):
+    """How text generation runs its sequences (the ``text_generation`` task)."""
+
+    scheduler: Literal["auto", "iteration", "static"] = Field(
+        default="auto",
+        description="'iteration': one scheduler on the model thread runs every sequence a decode step at a time, "
+        "and a request joins at the next step; 'static': batches of whole generations (@serve.batch), streams "
+        "one generate each; 'auto': the one docs/benchmarks.md measured faster on the replica's device.",
+    )
+    max_running_sequences: int = Field(
+        default=16, ge=1, le=4096, description="Most sequences decoding at once with the iteration scheduler; more wait."
+    )
+
+
 class ModelDeployment(_Spec):
     """A model deployment: the one object users write.
 
@@ -515,6 +530,7 @@ class ModelDeployment(_Spec):
     health: HealthSpec = Field(default_factory=HealthSpec)
     memory: MemorySpec = Field(default_factory=MemorySpec)
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
     auth: Optional[AuthSpec] = Field(default=None, description="API keys required on /v1/*; None serves openly.")
 
     @field_validator("name")

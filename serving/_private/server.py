@@ -85,6 +85,10 @@ class ModelServer(OpenAIRoutes):
         # single thread keeps the event loop free for health checks and parsing.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpuserve-model")
         self.task = resolve_task(self.spec.task)(self.spec)
+        # Threads that wait on a task's own scheduler (one per request the replica may hold).
+        self._waiters = ThreadPoolExecutor(
+            max_workers=self.spec.queue.max_ongoing_requests, thread_name_prefix="gpuserve-wait"
+        )
         # Set while the model thread is free. @serve.batch forms a batch as soon as
         # its wait timeout passes and only then queues it behind the running one,
         # so while the model is busy it would cut the backlog into many tiny
@@ -167,6 +171,11 @@ class ModelServer(OpenAIRoutes):
     async def _run(self, item: Any) -> Any:
         self.watchdog.started(time.monotonic())
         try:
+            if getattr(self.task, "runs_concurrently", False):
+                # The task's own scheduler batches per decode step: hand each request over at once, from a
+                # thread of its own, instead of holding it for a batch behind the running one.
+                loop = asyncio.get_running_loop()
+                return (await loop.run_in_executor(self._waiters, self._run_isolated, [item]))[0].unwrap()
             if self.spec.batching.enabled:
                 await self._model_idle.wait()
                 return (await self._batched(item)).unwrap()
@@ -359,6 +368,10 @@ class ModelServer(OpenAIRoutes):
         request path must be making progress.
         """
         self.task.health()
+        # Liveness by progress: a generated token is progress, however long its request runs.
+        progress_s = self.task.progress_s()
+        if progress_s is not None:
+            self.watchdog.progress(progress_s)
         reason = self.watchdog.check(time.monotonic()) or self.runner.unhealthy_reason()
         if reason is not None:
             logger.error("gpuserve: replica %s unhealthy: %s", self.replica_id, reason)

@@ -12,8 +12,10 @@ from typing import Optional
 class StallWatchdog:
     """Tracks in-flight requests and the last sign of progress.
 
-    Progress is a completion, or the moment the replica went from idle to busy
-    (an idle replica is never stalled, however long ago it last finished).
+    Progress is a completion, a sign of progress inside a running request that the
+    task reports (a generated token: a long generation is not a stall, a hung decode
+    step is), or the moment the replica went from idle to busy (an idle replica is
+    never stalled, however long ago it last finished).
     """
 
     def __init__(self, stall_after_s: float):
@@ -31,6 +33,11 @@ class StallWatchdog:
     def finished(self, now_s: float) -> None:
         self.in_flight = max(0, self.in_flight - 1)
         self.last_progress_s = now_s
+
+    def progress(self, at_s: float) -> None:
+        """A sign of progress inside a running request (a generated token) at ``at_s``."""
+        if self.in_flight > 0 and (self.last_progress_s is None or at_s > self.last_progress_s):
+            self.last_progress_s = at_s
 
     def stalled_for_s(self, now_s: float) -> float:
         if self.in_flight == 0 or self.last_progress_s is None:

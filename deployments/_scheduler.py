@@ -1,0 +1,394 @@
+"""One scheduler on the model thread: iteration-level batching of text generation.
+
+Every generation request, streamed or not, becomes a sequence in one bounded set of running sequences.
+The scheduler's thread runs one decode step at a time for all of them (one forward pass); between steps
+it drops the sequences that finished or whose client left, and prefills the waiting ones, which join at
+the next step. A short request that arrives while a long generation runs therefore waits one step, not
+the whole generation.
+
+The batch's KV cache is transformers' ``DynamicCache``: rows are left-padded to a common length, an
+attention mask hides the padding, and each row's positions count its own tokens only, so a row's
+logits are those of the same prompt alone (up to float rounding). Models whose cache is not made of
+plain dynamic layers (sliding windows, quantised or static caches) are refused at start
+(:func:`supports`), and the task falls back to its static path.
+
+Pure of Ray and of HTTP: it takes a model and a tokenizer, and runs on a GPU machine without Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+logger = logging.getLogger("ray.serve")
+
+__all__ = ["Finished", "GenerationScheduler", "Sequence", "cut_at_stop", "safe_prefix_len", "supports"]
+
+# How often a consumer waiting for events checks that the scheduler still runs and the client stays.
+POLL_S = 0.25
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """Cut ``text`` at the earliest stop sequence; return (text, whether one was found)."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def safe_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of ``text`` that can be shown without risking a partial stop sequence."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return len(text) - hold
+
+
+@dataclass
+class Finished:
+    """The last event of a sequence: why it ended and how many tokens it generated (the EOS excluded)."""
+
+    reason: str  # "stop" (end-of-sequence or a stop sequence), "length", or "cancelled" (the client left)
+    completion_tokens: int
+
+
+@dataclass
+class Sequence:
+    """One request's generation, as the scheduler runs it.
+
+    ``events`` receives text deltas (str) that are safe to show (no partial stop sequence, no partial
+    UTF-8 character), then one :class:`Finished`, or an exception. Set ``cancelled`` (via
+    :meth:`cancel`) and the scheduler drops the sequence at its next step.
+    """
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: list[str]
+    seed: Optional[int] = None
+    # Decode text every step (streams and stop sequences); else once at the end.
+    incremental: bool = True
+    events: "queue.SimpleQueue[Any]" = field(default_factory=queue.SimpleQueue)
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    cancelled: bool = False
+    # Incremental detokenisation: text is decoded over ids[_prefix:], with ids[_prefix:_read] already shown.
+    _prefix: int = 0
+    _read: int = 0
+    _shown: int = 0
+    _generator: Any = None
+    submitted_s: float = 0.0
+    first_token_s: Optional[float] = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def _cache_arg(model: Any) -> str:
+    """The forward() argument that takes the KV cache: ``cache`` since transformers 5.x, ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    return out.get("cache", None) or out.get("past_key_values", None)
+
+
+def supports(model: Any) -> Optional[str]:
+    """None when the scheduler can run ``model``; else why not (the task then runs its static path)."""
+    import torch
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    try:
+        with torch.inference_mode():
+            out = model(input_ids=torch.tensor([[0, 0]], device=model.device), use_cache=True)
+    except Exception as e:  # noqa: BLE001 - any failure means: not for this model
+        return f"a probe forward pass with a cache failed: {e}"
+    cache = _cache_of(out)
+    if not isinstance(cache, DynamicCache):
+        return f"the model's cache is {type(cache).__name__}, not a DynamicCache"
+    kinds = {type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer}
+    if kinds:
+        return f"the model's cache has layers of kind {', '.join(sorted(kinds))} (sliding or special caches)"
+    return None
+
+
+class GenerationScheduler:
+    """Runs every sequence of a model, one decode step at a time, on one thread.
+
+    Args:
+        model: A transformers causal LM (eval mode, on its device).
+        tokenizer: Its tokenizer (decoding, end-of-sequence ids).
+        max_running: Most sequences in the running batch; more wait, first come first served.
+        clock: Monotonic seconds (progress and time to first token).
+        on_step: Called after each decode step with (running, waiting) (metrics; must be quick).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        max_running: int,
+        clock: Callable[[], float] = time.monotonic,
+        on_step: Optional[Callable[[int, int], None]] = None,
+    ):
+        if max_running < 1:
+            raise ValueError(f"max_running ({max_running}) must be >= 1")
+        self.model, self.tokenizer, self.max_running = model, tokenizer, max_running
+        self.clock, self.on_step = clock, on_step
+        self._cache_arg = _cache_arg(model)
+        eos = tokenizer.eos_token_id
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.eos_ids = {x for v in (eos, gen_eos) for x in ([v] if isinstance(v, int) else (v or []))}
+        self._cv = threading.Condition()
+        self._waiting: list[Sequence] = []
+        self._running: list[Sequence] = []
+        self._stopped = False
+        # The running batch: its cache, attention mask (rows x cached length) and the token each row feeds next.
+        self._cache: Any = None
+        self._mask: Any = None
+        self._next: Any = None
+        # Progress: the end of the last decode step (liveness watches this, not request completions).
+        self.last_step_s: Optional[float] = None
+        self.steps = 0
+        self._thread = threading.Thread(target=self._loop, name="gpuserve-model-steps", daemon=True)
+        self._thread.start()
+
+    # -- the consumers' side (any thread) ------------------------------------
+
+    def submit(self, seq: Sequence) -> Sequence:
+        """Queue a sequence; it joins the running batch at the next step with room."""
+        seq.submitted_s = self.clock()
+        with self._cv:
+            if self._stopped:
+                raise RuntimeError("the generation scheduler is stopped")
+            self._waiting.append(seq)
+            self._cv.notify()
+        return seq
+
+    def next_event(self, seq: Sequence, cancel: Optional[threading.Event] = None) -> Any:
+        """The sequence's next event, blocking.
+
+        Once ``cancel`` is set the sequence is cancelled (it leaves the batch at the next step) and the
+        answer is ``Finished("cancelled")`` at once: the consumer has gone, the events still queued are not
+        worth reading. A dead scheduler thread is an error, never an endless wait.
+        """
+        while True:
+            if cancel is not None and cancel.is_set():
+                seq.cancel()
+                return Finished("cancelled", len(seq.ids or ()))
+            try:
+                return seq.events.get(timeout=POLL_S)
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    return RuntimeError("the generation scheduler's thread has stopped")
+
+    def result(self, seq: Sequence) -> tuple[str, Finished]:
+        """Wait for a sequence to finish: (its text, how it ended). Raises its error."""
+        while True:
+            ev = self.next_event(seq)
+            if isinstance(ev, BaseException):
+                raise ev
+            if isinstance(ev, Finished):
+                return seq.text, ev
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def close(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+        self._thread.join(timeout=5)
+
+    # -- the model thread ----------------------------------------------------
+
+    def _loop(self) -> None:
+        import torch
+
+        while True:
+            with self._cv:
+                while not self._stopped and not self._waiting and not self._running:
+                    self._cv.wait()
+                if self._stopped:
+                    for s in self._waiting + self._running:
+                        s.events.put(RuntimeError("the generation scheduler stopped"))
+                    return
+                room = self.max_running - len(self._running)
+                joining, self._waiting = self._waiting[:room], self._waiting[room:]
+            try:
+                with torch.inference_mode():
+                    self._drop(lambda s: s.cancelled)
+                    joining = [s for s in joining if not s.cancelled]
+                    if joining:
+                        self._join(joining)
+                    elif self._running:
+                        self._step()
+            except Exception as e:  # noqa: BLE001 - fail the batch's requests, keep the thread
+                logger.error("gpuserve: generation step failed", exc_info=e)
+                for s in self._running + [s for s in joining if s not in self._running]:
+                    s.events.put(e)
+                self._running, self._cache, self._mask, self._next = [], None, None, None
+            self.last_step_s = self.clock()
+            self.steps += 1
+            if self.on_step is not None:
+                self.on_step(len(self._running), len(self._waiting))
+
+    def _forward(self, input_ids: Any, mask: Any, cache: Any) -> tuple[Any, Any]:
+        import torch
+
+        # Each row's positions count its own tokens: padding takes no position.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **{self._cache_arg: cache}
+        )
+        return out.logits[:, -1, :].float(), _cache_of(out) if cache is None else cache
+
+    def _join(self, joining: list[Sequence]) -> None:
+        """Prefill the joining sequences together and add them to the running batch."""
+        import torch
+
+        device = self.model.device
+        width = max(len(s.prompt_ids) for s in joining)
+        ids = torch.full((len(joining), width), self.tokenizer.pad_token_id or 0, dtype=torch.long, device=device)
+        mask = torch.zeros((len(joining), width), dtype=torch.long, device=device)
+        for i, s in enumerate(joining):
+            n = len(s.prompt_ids)
+            ids[i, width - n :] = torch.tensor(s.prompt_ids, device=device)
+            mask[i, width - n :] = 1
+            if s.seed is not None and s.temperature > 0.0:
+                s._generator = torch.Generator(device=device).manual_seed(s.seed)
+        logits, cache = self._forward(ids, mask, None)
+        tokens = self._sample(logits, joining)
+        if self._cache is None:
+            self._cache, self._mask, self._next = cache, mask, tokens
+            self._running = list(joining)
+        else:
+            self._merge(cache, mask, tokens)
+            self._running += joining
+        self._advance(tokens, joining, first=True)
+
+    def _merge(self, cache: Any, mask: Any, tokens: Any) -> None:
+        """Append the rows of a freshly prefilled cache to the running batch's (left-padding the shorter)."""
+        import torch
+        import torch.nn.functional as F
+
+        old_len, new_len = self._mask.shape[1], mask.shape[1]
+        width = max(old_len, new_len)
+        for mine, theirs in zip(self._cache.layers, cache.layers):
+            for name in ("keys", "values"):
+                a, b = getattr(mine, name), getattr(theirs, name)
+                a = F.pad(a, (0, 0, width - old_len, 0))
+                b = F.pad(b, (0, 0, width - new_len, 0))
+                setattr(mine, name, torch.cat([a, b], dim=0))
+        self._mask = torch.cat([F.pad(self._mask, (width - old_len, 0)), F.pad(mask, (width - new_len, 0))], dim=0)
+        self._next = torch.cat([self._next, tokens], dim=0)
+
+    def _step(self) -> None:
+        """One decode step for every running sequence."""
+        import torch
+
+        ones = torch.ones((self._mask.shape[0], 1), dtype=self._mask.dtype, device=self._mask.device)
+        self._mask = torch.cat([self._mask, ones], dim=1)
+        logits, _ = self._forward(self._next[:, None], self._mask, self._cache)
+        self._next = self._sample(logits, self._running)
+        self._advance(self._next, list(self._running), first=False)
+
+    def _sample(self, logits: Any, seqs: list[Sequence]) -> Any:
+        """The next token of each row: argmax for greedy rows, else temperature and nucleus sampling."""
+        import torch
+
+        tokens = logits.argmax(dim=-1)
+        for i, s in enumerate(seqs):
+            if s.temperature == 0.0:
+                continue
+            probs = torch.softmax(logits[i] / s.temperature, dim=-1)
+            if s.top_p < 1.0:
+                sorted_p, order = probs.sort(descending=True)
+                # Keep the smallest head of the distribution whose mass reaches top_p (at least one token).
+                outside = sorted_p.cumsum(-1) - sorted_p >= s.top_p
+                sorted_p[outside] = 0.0
+                probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+            tokens[i] = torch.multinomial(probs, 1, generator=s._generator)[0]
+        return tokens
+
+    def _advance(self, tokens: Any, seqs: list[Sequence], first: bool) -> None:
+        """Record each row's new token; finish the rows that ended and drop them from the batch."""
+        now = self.clock()
+        for s, tok in zip(seqs, tokens.tolist()):
+            if first:
+                s.first_token_s = now
+            if tok in self.eos_ids:
+                self._finish(s, "stop")
+                continue
+            s.ids.append(tok)
+            if s.incremental and self._emit(s):
+                continue  # a stop sequence ended it
+            if len(s.ids) >= s.max_tokens:
+                self._finish(s, "length")
+        self._drop(lambda s: s.ids is None)
+
+    def _emit(self, s: Sequence, final: bool = False) -> bool:
+        """Decode the new text of ``s`` and send what is safe to show; True when a stop sequence ended it."""
+        window = self.tokenizer.decode(s.ids[s._prefix :], skip_special_tokens=True)
+        if window.endswith("\ufffd") and not final:
+            return False  # the last token ends inside a character: wait for the rest of it
+        shown_before = self.tokenizer.decode(s.ids[s._prefix : s._read], skip_special_tokens=True)
+        s.text += window[len(shown_before) :]
+        s._prefix, s._read = s._read, len(s.ids)
+        cut, stopped = cut_at_stop(s.text, s.stop)
+        if stopped:
+            s.text = cut
+            self._finish(s, "stop")
+            return True
+        safe = safe_prefix_len(s.text, s.stop)
+        if safe > s._shown:
+            s.events.put(s.text[s._shown : safe])
+            s._shown = safe
+        return False
+
+    def _finish(self, s: Sequence, reason: str) -> None:
+        if not s.incremental:
+            s.text = cut_at_stop(self.tokenizer.decode(s.ids, skip_special_tokens=True), s.stop)[0]
+        elif s._read < len(s.ids) and self._emit(s, final=True):
+            return  # the held-back tail held a stop sequence: _emit finished it
+        if len(s.text) > s._shown:
+            s.events.put(s.text[s._shown :])
+            s._shown = len(s.text)
+        s.events.put(Finished(reason, len(s.ids)))
+        s.ids = None  # type: ignore[assignment] - marks it for removal from the batch
+
+    def _drop(self, gone: Callable[[Sequence], bool]) -> None:
+        """Remove the rows of finished or cancelled sequences, and the padding no row needs any more."""
+        keep = [i for i, s in enumerate(self._running) if not gone(s)]
+        if len(keep) == len(self._running):
+            return
+        for i, s in enumerate(self._running):
+            if s.cancelled and s.ids is not None:
+                s.events.put(Finished("cancelled", len(s.ids)))
+        self._running = [self._running[i] for i in keep]
+        if not keep:
+            self._cache, self._mask, self._next = None, None, None
+            return
+        import torch
+
+        index = torch.tensor(keep, device=self._mask.device)
+        self._mask, self._next = self._mask[index], self._next[index]
+        # Columns that are padding in every remaining row are dropped from the left.
+        start = int((self._mask.cumsum(-1) == 0).all(dim=0).sum().item())
+        self._mask = self._mask[:, start:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[index, :, start:, :]
+            layer.values = layer.values[index, :, start:, :]
