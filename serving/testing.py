@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 
 if TYPE_CHECKING:
     from serving._private.autoscaling_cluster import AutoscalingCluster
@@ -24,6 +24,7 @@ __all__ = [
     "honouring_post",
     "json_stdout",
     "local_cluster",
+    "make_random_llama",
     "make_tiny_causal_lm",
     "process_pids",
     "replica_pids",
@@ -150,6 +151,32 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
+def _write_tokenizer(out: Path, n_positions: int, vocab_size: int, chat_template: Optional[str]) -> Any:
+    """Train a byte-level BPE tokenizer on a small corpus and save it to ``out``; returns it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    eos = "<|endoftext|>"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[eos],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=eos, bos_token=eos, unk_token=eos, model_max_length=n_positions
+    )
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    fast.save_pretrained(out)
+    return fast
+
+
 def make_tiny_causal_lm(
     directory: Union[str, Path],
     *,
@@ -171,29 +198,10 @@ def make_tiny_causal_lm(
         The directory, ready for ``AutoModelForCausalLM.from_pretrained``.
     """
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    eos = "<|endoftext|>"
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[eos],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=eos, bos_token=eos, unk_token=eos, model_max_length=n_positions
-    )
-    if chat_template is not None:
-        fast.chat_template = chat_template
-    fast.save_pretrained(out)
-
+    fast = _write_tokenizer(out, n_positions, vocab_size, chat_template)
     torch.manual_seed(seed)
     config = GPT2Config(
         vocab_size=len(fast),
@@ -205,6 +213,50 @@ def make_tiny_causal_lm(
         eos_token_id=fast.eos_token_id,
     )
     GPT2LMHeadModel(config).save_pretrained(out)
+    return out
+
+
+def make_random_llama(
+    directory: Union[str, Path],
+    *,
+    hidden_size: int = 640,
+    layers: int = 8,
+    heads: int = 10,
+    kv_heads: int = 5,
+    intermediate_size: int = 1792,
+    max_positions: int = 2048,
+    vocab_size: int = 400,
+    seed: int = 0,
+    chat_template: Optional[str] = TINY_CHAT_TEMPLATE,
+) -> Path:
+    """Write a randomly initialised Llama-style model (RoPE, grouped-query attention, SwiGLU) for benchmarks.
+
+    The defaults give about 38M parameters: large enough that a decode step is matrix work rather than
+    per-step overhead, as on a real model, and small enough for a CPU. Same tokenizer as
+    :func:`make_tiny_causal_lm`.
+
+    Returns:
+        The directory, ready for ``AutoModelForCausalLM.from_pretrained``.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(directory)
+    fast = _write_tokenizer(out, max_positions, vocab_size, chat_template)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=fast.eos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
     return out
 
 

@@ -3,8 +3,10 @@
 import os
 import tempfile
 import threading
+import time
 
 from deployments.embeddings import EmbeddingsTask
+from deployments.text_generation import TextGenerationTask
 
 STALL_TEXT = "STALL-THE-MODEL-THREAD"
 
@@ -29,7 +31,6 @@ class FailingWarmupTask(EmbeddingsTask):
 
 def hold_model(items, default_s=0.2):
     """Block the model thread for the longest 'SLOW:<seconds>' text in the batch (default_s without one)."""
-    import time
 
     hold = [float(t.split(":", 1)[1]) for it in items for t in it.texts if t.startswith("SLOW:")]
     time.sleep(max(hold, default=default_s))
@@ -94,3 +95,41 @@ class FixedServiceTask(EmbeddingsTask):
             {"data": [{"object": "embedding", "index": j, "embedding": [0.0] * 4} for j in range(len(it.texts))]}
             for it in items
         ]
+
+
+HANG_STEP_TEXT = "HANG-THE-DECODE-STEP"
+
+
+class SlowStepsTextGenerationTask(TextGenerationTask):
+    """Text generation on a deliberately slow model: a prompt holding 'STEP-S:<seconds>' makes every
+    forward pass (a decode step) take that long from then on, and one holding HANG_STEP_TEXT blocks
+    the next forward pass (a hung kernel). The end-of-sequence token is never chosen, so a generation
+    runs to its max_tokens and its length in seconds is known."""
+
+    def load(self):
+        super().load()
+        import functools
+
+        self.step_s, self.hang = 0.0, threading.Event()
+        forward = self.model.forward
+        eos = self.lm.tokenizer.eos_token_id
+
+        @functools.wraps(forward)
+        def slow_forward(*args, **kw):
+            if self.hang.is_set():
+                threading.Event().wait(600)
+            time.sleep(self.step_s)
+            out = forward(*args, **kw)
+            out.logits[..., eos] = float("-inf")
+            return out
+
+        self.model.forward = slow_forward
+
+    def parse(self, endpoint, body):
+        prompt = body.get("prompt") if isinstance(body, dict) else None
+        if isinstance(prompt, str):
+            if "STEP-S:" in prompt:
+                self.step_s = float(prompt.split("STEP-S:", 1)[1].split()[0])
+            if HANG_STEP_TEXT in prompt:
+                self.hang.set()
+        return super().parse(endpoint, body)

@@ -34,7 +34,7 @@ def embed_spec(name, replicas=None, **kw):
         task=kw.pop("task", "embeddings"),
         model=ModelSource(path=MINILM),
         replicas=replicas,
-        queue=QueueSpec(max_ongoing_requests=8),
+        queue=kw.pop("queue", QueueSpec(max_ongoing_requests=8)),
         batching=BatchingSpec(max_batch_size=4),
         **kw,
     )
@@ -111,6 +111,8 @@ def test_stalled_request_path_fails_health_and_serve_replaces_the_replica(deploy
         task="tests.integration.stall_task:StallingEmbeddingsTask",
         health=HealthSpec(check_period_s=1, check_timeout_s=5, stall_after_s=2),
         warmup=WarmupSpec(cover_max_input=False, max_rounds=2),
+        # The stalled request never finishes: do not wait a minute for it.
+        queue=QueueSpec(max_ongoing_requests=8, drain_timeout_s=5),
     )
     client = deploy(spec.build(), "stalling", "/stalling")
     before = client.get("/health")
@@ -184,3 +186,60 @@ def test_warm_up_failure_fails_the_deployment_clearly_without_a_retry_storm(serv
     logs = ray._private.worker.global_worker.node.get_logs_dir_path()
     attempts = glob.glob(os.path.join(logs, "serve", "replica_badwarm_badwarm_*.log"))
     assert 1 <= len(attempts) <= 4, f"{len(attempts)} constructor attempts: a retry storm"
+
+
+def test_a_long_generation_keeps_its_replica_and_a_hung_decode_step_loses_it(deploy, serve_instance, cleanup, tiny_lm_dir):
+    """Liveness by token progress: a non-streamed generation six times longer than ``stall_after_s``
+    (GPUSERVE_LONG_GENERATION_S, default 12 s; docs/benchmarks.md records a 60 s run) completes on the
+    replica that started it, and a decode step that hangs gets the replica replaced."""
+    from tests.integration.stall_task import HANG_STEP_TEXT
+
+    cleanup.append("slowgen")
+    spec = ModelDeployment(
+        name="slowgen",
+        task="tests.integration.stall_task:SlowStepsTextGenerationTask",
+        model=ModelSource(path=str(tiny_lm_dir)),
+        replicas=1,
+        health=HealthSpec(check_period_s=1, check_timeout_s=5, stall_after_s=2),
+        warmup=WarmupSpec(cover_max_input=False, max_rounds=2),
+        # The hung replica's running request never finishes: do not wait a minute for it.
+        queue=QueueSpec(drain_timeout_s=5),
+    )
+    client = deploy(spec.build(), "slowgen", "/slowgen")
+    old = client.get("/health").headers[REPLICA]
+    seconds = float(os.environ.get("GPUSERVE_LONG_GENERATION_S", "12"))
+    tokens = 200
+    t0 = time.monotonic()
+    r = client.post(
+        "/v1/completions",
+        json={"prompt": f"STEP-S:{seconds / tokens} Once", "max_tokens": tokens, "temperature": 0},
+        timeout=seconds + 120,
+    )
+    took = time.monotonic() - t0
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == tokens and took >= 0.9 * seconds
+    assert r.headers[REPLICA] == old
+    assert not [line for line in replica_log("slowgen", "slowgen", old) if "unhealthy" in line]
+
+    stuck = cf.ThreadPoolExecutor(1).submit(
+        lambda: httpx.post(
+            serve_instance + "/slowgen/v1/completions",
+            json={"prompt": f"STEP-S:0 {HANG_STEP_TEXT}", "max_tokens": 5},
+            timeout=180,
+        )
+    )
+    deadline, new = time.monotonic() + 180, None
+    while time.monotonic() < deadline and new is None:
+        try:
+            h = client.get("/health", timeout=5)
+            if h.status_code == 200 and h.headers[REPLICA] != old:
+                new = h.headers[REPLICA]
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    assert new is not None, "Serve did not replace the replica whose decode step hung"
+    assert any("unhealthy: request path stalled" in line for line in replica_log("slowgen", "slowgen", old))
+    assert stuck.result(timeout=180).status_code >= 500
+    # The replacement serves.
+    ok = client.post("/v1/completions", json={"prompt": "Once", "max_tokens": 3, "temperature": 0}, timeout=60)
+    assert ok.status_code == 200 and ok.headers[REPLICA] == new
