@@ -177,6 +177,31 @@ def _write_tokenizer(out: Path, n_positions: int, vocab_size: int, chat_template
     return fast
 
 
+def _write_random_model(
+    directory: Union[str, Path],
+    family: str,
+    context_tokens: int,
+    vocab_size: int,
+    seed: int,
+    chat_template: Optional[str],
+    **config: Any,
+) -> Path:
+    """Save the tokenizer and a seeded random model of ``family`` (transformers' ``<family>Config`` and
+    causal-LM class) built from ``config``."""
+    import torch
+    import transformers
+
+    out = Path(directory)
+    fast = _write_tokenizer(out, context_tokens, vocab_size, chat_template)
+    torch.manual_seed(seed)
+    model_cls = {"GPT2": transformers.GPT2LMHeadModel, "Llama": transformers.LlamaForCausalLM}[family]
+    cfg = getattr(transformers, f"{family}Config")(
+        vocab_size=len(fast), bos_token_id=fast.eos_token_id, eos_token_id=fast.eos_token_id, **config
+    )
+    model_cls(cfg).save_pretrained(out)
+    return out
+
+
 def make_tiny_causal_lm(
     directory: Union[str, Path],
     *,
@@ -197,23 +222,9 @@ def make_tiny_causal_lm(
     Returns:
         The directory, ready for ``AutoModelForCausalLM.from_pretrained``.
     """
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    out = Path(directory)
-    fast = _write_tokenizer(out, n_positions, vocab_size, chat_template)
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=len(fast),
-        n_positions=n_positions,
-        n_embd=64,
-        n_layer=2,
-        n_head=2,
-        bos_token_id=fast.eos_token_id,
-        eos_token_id=fast.eos_token_id,
+    return _write_random_model(
+        directory, "GPT2", n_positions, vocab_size, seed, chat_template, n_positions=n_positions, n_embd=64, n_layer=2, n_head=2
     )
-    GPT2LMHeadModel(config).save_pretrained(out)
-    return out
 
 
 def make_random_llama(
@@ -238,26 +249,20 @@ def make_random_llama(
     Returns:
         The directory, ready for ``AutoModelForCausalLM.from_pretrained``.
     """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out = Path(directory)
-    fast = _write_tokenizer(out, max_positions, vocab_size, chat_template)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(fast),
+    return _write_random_model(
+        directory,
+        "Llama",
+        max_positions,
+        vocab_size,
+        seed,
+        chat_template,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         max_position_embeddings=max_positions,
-        bos_token_id=fast.eos_token_id,
-        eos_token_id=fast.eos_token_id,
-        pad_token_id=fast.eos_token_id,
     )
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
 
 
 @contextlib.contextmanager
