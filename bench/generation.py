@@ -11,7 +11,9 @@ Per setup and rate it measures output tokens/s, the time to first token of the s
 streamed text, or the whole answer for a non-streamed one), the gaps between streamed chunks, and whether
 every request got a 200. ``max_rate_within_slo`` is the highest rate whose short requests' TTFT p99 is
 at most ``--slo-s`` (1 s) with every request answered. Greedy answers of the two setups are compared
-request by request. Prints one JSON document:
+request by request. Then (unless ``--skip-overload``) the scheduler, with a KV-cache budget that binds, is
+offered streams at 3x its ``max_rate_within_slo``: every answer must be 200, 413 or 429, with no
+out-of-memory error. Prints one JSON document:
 
     PYTHONPATH=. .venv/bin/python bench/generation.py            # 30 s per rate
     PYTHONPATH=. .venv/bin/python bench/generation.py --quick    # 12 s per rate
@@ -119,6 +121,8 @@ async def phase(url, arrivals, timeout_s):
 
 def summarise(rate, arrivals, results, wall_s, slo_s):
     short_ttft = [r[1] for (_, _, short), r in zip(arrivals, results) if short and r[0] == 200]
+    # A non-streamed answer's first token arrives with the whole answer: its TTFT is its latency.
+    streamed = [r[1] for (_, b, short), r in zip(arrivals, results) if short and r[0] == 200 and b["stream"]]
     gaps = [g for r in results for g in r[2]]
     tokens = sum(r[3] for r in results)
     ok = sum(r[0] == 200 for r in results)
@@ -131,6 +135,7 @@ def summarise(rate, arrivals, results, wall_s, slo_s):
         "tokens_per_s": round(tokens / wall_s, 1),
         "ttft_p50_s": pct(short_ttft, 0.5),
         "ttft_p99_s": p99,
+        "ttft_p99_streamed_s": pct(streamed, 0.99),
         "itl_p50_s": pct(gaps, 0.5),
         "itl_p99_s": pct(gaps, 0.99),
         "latency_p99_s": pct([r[5] for r in results if r[0] == 200], 0.99),
@@ -138,7 +143,47 @@ def summarise(rate, arrivals, results, wall_s, slo_s):
     }
 
 
-def deploy(name, model_dir, scheduler, args):
+def overload(port, model_dir, args, rate, seed):
+    """Streams only, at ``rate``, against the scheduler with a KV budget that binds (``--overload-sequences``
+    long sequences); 5 % ask for more tokens than the budget holds. Every answer must be 200, 413 or 429."""
+    from transformers import AutoConfig
+
+    from deployments._scheduler import kv_bytes_per_token
+
+    per_token = kv_bytes_per_token(AutoConfig.from_pretrained(model_dir), 4)
+    long_peak = 160 + args.long_tokens  # the long prompt is under 160 tokens
+    budget = args.overload_sequences * long_peak * per_token
+    name = "gen-overload"
+    deploy(name, model_dir, "iteration", args, kv_cache_bytes=budget)
+    arrivals = workload(rate, args.duration_s, seed, args.long_fraction, 1.0, args.short_tokens, args.long_tokens)
+    rng = random.Random(seed)
+    for _, body, _ in arrivals:
+        if rng.random() < 0.05:
+            body["max_tokens"] = 1900  # over the budget alone: 413
+    url = f"http://127.0.0.1:{port}/{name}/v1/completions"
+    results, wall_s = asyncio.run(phase(url, arrivals, args.duration_s + 300))
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/{name}/health", timeout=10) as r:
+        health = json.loads(r.read())
+    from ray import serve
+
+    serve.delete(name)
+    statuses: dict = {}
+    for r in results:
+        statuses[str(r[0])] = statuses.get(str(r[0]), 0) + 1
+    return {
+        "rate_per_s": rate,
+        "kv_budget_bytes": budget,
+        "requests": len(results),
+        "statuses": statuses,
+        "only_200_413_429": set(statuses) <= {"200", "413", "429"},
+        "ooms": health.get("generation", {}).get("ooms"),
+        "tokens_per_s": round(sum(r[3] for r in results) / wall_s, 1),
+    }
+
+
+def deploy(name, model_dir, scheduler, args, kv_cache_bytes=None):
     from ray import serve
 
     from serving import BatchingSpec, GenerationSpec, ModelDeployment, ModelSource, QueueSpec, WarmupSpec
@@ -150,7 +195,7 @@ def deploy(name, model_dir, scheduler, args):
         replicas=1,
         queue=QueueSpec(max_ongoing_requests=args.slots, max_queued_requests=1024, max_request_body_bytes=65536),
         batching=BatchingSpec(max_batch_size=args.max_batch),
-        generation=GenerationSpec(scheduler=scheduler, max_running_sequences=args.slots),
+        generation=GenerationSpec(scheduler=scheduler, max_running_sequences=args.slots, kv_cache_bytes=kv_cache_bytes),
         warmup=WarmupSpec(cover_max_input=False, min_rounds=1, max_rounds=2),
     )
     serve.run(spec.build(), name=name, route_prefix=f"/{name}")
@@ -171,6 +216,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=640)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overload-sequences", type=int, default=8, help="long sequences the overload phase's KV budget holds")
+    p.add_argument("--skip-overload", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
         args.duration_s = 12.0
@@ -219,6 +266,10 @@ def main(argv=None) -> int:
                 "at_top_rate": top["rate_per_s"],
                 "rates": rows,
             }
+        if not args.skip_overload:
+            top = out["scheduler"]["max_rate_within_slo"] or args.rates[0]
+            out["overload"] = overload(port, str(model_dir), args, 3 * top, args.seed + 100)
+            print(json.dumps({"overload": out["overload"]}), file=sys.stderr)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -17,6 +17,10 @@ device tool's README for carrying wheels in .whl/). Prints one JSON object:
   and under a 2x batch spike; a real out-of-memory error (allocator capped) recovered by the replica's
   ``BatchRunner`` (split, every item answered), the same batch cut in advance by admission, and the start-up
   free-memory check refusing when most of the GPU is held;
+* ``schedulers``: ``generation.scheduler`` static against iteration on a random Llama-style model (about 38M
+  parameters) on CUDA, in process: tokens/s for the same mixed requests, the latency of short requests sent
+  while a long generation runs, greedy outputs compared, and the KV-cache budget derived from the device
+  (which scheduler ``auto`` should pick on this card);
 * ``pytest``: the exit code of ``pytest tests/gpu`` in the same call.
 """
 
@@ -149,6 +153,73 @@ def _memory_checks(task, report) -> dict:
     return mem
 
 
+def scheduler_comparison(model_dir: str, gpus: int, n_short: int = 24, n_long: int = 4, long_tokens: int = 256) -> dict:
+    """Static against iteration scheduler on one model, in process (as ``@serve.batch`` would feed the static
+    path: batches of 8 in turn on one model thread; the iteration scheduler gets each request as it comes)."""
+    import concurrent.futures as cf
+
+    from deployments.text_generation import TextGenerationTask
+    from serving import GenerationSpec, ModelDeployment, ModelSource, Resources
+
+    def body(i: int, long: bool) -> dict:
+        prompt = ("A long request about GPU serving and autoscaling. " * 4 if long else "A short one.") + f" Number {i}."
+        return {"prompt": prompt, "max_tokens": long_tokens if long else 16, "temperature": 0}
+
+    mixed = [body(i, i % (n_short // n_long + 1) == 0) for i in range(n_short + n_long)]
+    out: dict = {}
+    texts: dict = {}
+    for mode in ("static", "iteration"):
+        task = TextGenerationTask(
+            ModelDeployment(
+                name=mode,
+                task="text_generation",
+                model=ModelSource(path=model_dir),
+                resources=Resources(gpus=gpus),
+                generation=GenerationSpec(scheduler=mode, max_running_sequences=64),
+            )
+        )
+        model_thread = cf.ThreadPoolExecutor(1)
+        waiters = cf.ThreadPoolExecutor(64)
+
+        def submit(bodies: list[dict]):
+            items = [task.parse("completions", b) for b in bodies]
+            if mode == "static":
+                return [model_thread.submit(task.run_batch, items[k : k + 8]) for k in range(0, len(items), 8)]
+            return [waiters.submit(task.run_batch, [it]) for it in items]
+
+        task.run_batch([task.parse("completions", mixed[0])])  # warm
+        t0 = time.perf_counter()
+        done = [r for f in submit(mixed) for r in f.result()]
+        wall = time.perf_counter() - t0
+        texts[mode] = [r["choices"][0]["text"] for r in done]
+        tokens = sum(r["usage"]["completion_tokens"] for r in done)
+        # Short requests sent while a long generation runs.
+        long_future = submit([body(999, True)])
+        time.sleep(0.2)
+        starts, lat = time.perf_counter(), []
+        for f in submit([body(1000 + i, False) for i in range(8)]):
+            f.result()
+            lat.append(time.perf_counter() - starts)
+        for f in long_future:
+            f.result()
+        out[mode] = {
+            "tokens_per_s": round(tokens / wall, 1),
+            "short_behind_long_p100_s": round(max(lat), 3),
+            "kv_budget_bytes": getattr(getattr(task, "scheduler", None), "kv_budget_bytes", None),
+        }
+        if task.scheduler is not None:
+            task.scheduler.close()
+        model_thread.shutdown()
+        waiters.shutdown()
+    out["greedy_identical"] = sum(a == b for a, b in zip(texts["static"], texts["iteration"]))
+    out["greedy_compared"] = len(mixed)
+    out["tokens_per_s_ratio"] = round(out["iteration"]["tokens_per_s"] / out["static"]["tokens_per_s"], 3)
+    out["short_latency_ratio_static_over_iteration"] = round(
+        out["static"]["short_behind_long_p100_s"] / out["iteration"]["short_behind_long_p100_s"], 3
+    )
+    return out
+
+
 def main() -> None:
     import numpy as np
     import torch
@@ -204,6 +275,11 @@ def main() -> None:
             c["choices"][0]["text"] for c in lm.stream(lm.parse("completions", {**req, "stream": True}), threading.Event())
         )
         out["generation"] = {"device": lm.device, "stream_equals_batch": streamed == full}
+    from serving.testing import make_random_llama
+
+    with tempfile.TemporaryDirectory() as d:
+        make_random_llama(d)
+        out["schedulers"] = scheduler_comparison(d, gpus=1)
     out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
     out["pytest"] = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "tests/gpu"], cwd=ROOT, stdout=sys.stderr

@@ -196,6 +196,10 @@ class Task(ABC):
         """Yield the response chunks of a streaming work item; stop soon after ``cancel`` is set."""
         raise NotImplementedError
 
+    def set_observer(self, observer: Any) -> None:
+        """Receive the replica's token-level metrics (a ``deployments._scheduler.StepObserver``); tasks that
+        do not generate tokens ignore it."""
+
     def progress_s(self) -> Optional[float]:
         """Monotonic time of the model's last sign of progress inside a request (a generated token),
         or None when the task reports none (liveness then counts completions only)."""

@@ -12,24 +12,50 @@ logits are those of the same prompt alone (up to float rounding). Models whose c
 plain dynamic layers (sliding windows, quantised or static caches) are refused at start
 (:func:`supports`), and the task falls back to its static path.
 
+**Memory.** Each sequence may grow to its prompt plus ``max_tokens``; the padded batch to its row count
+times its longest such row. With a KV budget, a waiting sequence joins only while that bound stays
+within it (first come, first served: a long request is not overtaken forever), :meth:`check_fits`
+refuses at parse time what can never fit (413) and what cannot fit now (429, with the time until the
+first running sequence ends). An out-of-memory error in a step frees the device's cache and preempts the
+batch: every sequence goes back to the head of the queue with the tokens it generated, to be prefilled
+again (its client sees nothing but a pause), and the running set is halved for a while. A sequence that
+runs out of memory alone twice is too large (413) when it is larger than any that ran before, else the
+device is in trouble (``persistent``: counted, for the replica's health).
+
 Pure of Ray and of HTTP: it takes a model and a tokenizer, and runs on a GPU machine without Ray.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
+
+from serving.errors import ModelNotReady, Overloaded, RequestTooLargeForDevice
 
 logger = logging.getLogger("ray.serve")
 
-__all__ = ["Finished", "GenerationScheduler", "Sequence", "cut_at_stop", "safe_prefix_len", "supports"]
+__all__ = [
+    "Finished",
+    "GenerationScheduler",
+    "Sequence",
+    "StepObserver",
+    "cut_at_stop",
+    "is_oom",
+    "kv_bytes_per_token",
+    "safe_prefix_len",
+    "supports",
+]
 
 # How often a consumer waiting for events checks that the scheduler still runs and the client stays.
 POLL_S = 0.25
+# Steps without an out-of-memory error after which a halved running set doubles back.
+CAP_RECOVERY_STEPS = 32
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -85,6 +111,15 @@ class Sequence:
     _generator: Any = None
     submitted_s: float = 0.0
     first_token_s: Optional[float] = None
+    last_token_s: Optional[float] = None
+    # Out-of-memory errors it was part of, and alone.
+    preempted: int = 0
+    ooms_alone: int = 0
+
+    @property
+    def peak_tokens(self) -> int:
+        """The most tokens its KV cache may hold: prompt plus max_tokens."""
+        return len(self.prompt_ids) + self.max_tokens
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -99,6 +134,39 @@ def _cache_arg(model: Any) -> str:
 
 def _cache_of(out: Any) -> Any:
     return out.get("cache", None) or out.get("past_key_values", None)
+
+
+class StepObserver(Protocol):
+    """What the scheduler reports, on its thread, once per step (token-level metrics)."""
+
+    def first_tokens(self, ttfts_s: list[float]) -> None:
+        """Times to first token of the sequences that got their first token in this step."""
+
+    def step(self, running: int, waiting: int, kv_cache_bytes: int, token_gaps_s: list[float]) -> None:
+        """After a step: the sequences running and waiting, the batch's KV-cache bytes, and for each
+        sequence that got a further token, the time since its previous one."""
+
+    def oom(self, cause: str) -> None:
+        """An out-of-memory error: ``preempted`` (a batch, recomputed), ``too_large`` (one sequence, 413)
+        or ``persistent`` (one sequence that should fit)."""
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for an out-of-memory error from torch (CUDA or CPU) or Python."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def kv_bytes_per_token(config: Any, element_bytes: int) -> int:
+    """Bytes of KV cache one token takes, from a transformers model config: keys and values, every
+    layer, every key/value head."""
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return 2 * layers * kv_heads * head_dim * element_bytes
 
 
 def supports(model: Any) -> Optional[str]:
@@ -127,8 +195,11 @@ class GenerationScheduler:
         model: A transformers causal LM (eval mode, on its device).
         tokenizer: Its tokenizer (decoding, end-of-sequence ids).
         max_running: Most sequences in the running batch; more wait, first come first served.
-        clock: Monotonic seconds (progress and time to first token).
-        on_step: Called after each decode step with (running, waiting) (metrics; must be quick).
+        clock: Monotonic seconds (progress, time to first token, gaps between tokens).
+        observer: Told about every step (metrics; must be quick); settable later.
+        kv_bytes_per_token: KV-cache bytes of one token (:func:`kv_bytes_per_token`).
+        kv_budget_bytes: Most bytes the batch's KV cache may reach; None: no bound.
+        free_memory: Frees the device's cached memory after an out-of-memory error.
     """
 
     def __init__(
@@ -137,12 +208,27 @@ class GenerationScheduler:
         tokenizer: Any,
         max_running: int,
         clock: Callable[[], float] = time.monotonic,
-        on_step: Optional[Callable[[int, int], None]] = None,
+        observer: Optional[StepObserver] = None,
+        kv_bytes_per_token: int = 0,
+        kv_budget_bytes: Optional[int] = None,
+        free_memory: Callable[[], None] = gc.collect,
     ):
         if max_running < 1:
             raise ValueError(f"max_running ({max_running}) must be >= 1")
         self.model, self.tokenizer, self.max_running = model, tokenizer, max_running
-        self.clock, self.on_step = clock, on_step
+        self.clock, self.observer = clock, observer
+        self.kv_bytes_per_token, self.kv_budget_bytes, self.free_memory = kv_bytes_per_token, kv_budget_bytes, free_memory
+        # After an out-of-memory error the running set is capped at half of what failed, and doubles back
+        # after every CAP_RECOVERY_STEPS steps without one.
+        self._cap = max_running
+        self._steps_since_oom = 0
+        self.ooms: dict[str, int] = {"preempted": 0, "too_large": 0, "persistent": 0}
+        self.persistent_oom_s: "deque[float]" = deque(maxlen=1000)
+        # The largest peak (tokens) a sequence has reached and finished with: evidence of what fits.
+        self._largest_ok_tokens = 0
+        self._step_s = 0.0
+        self._firsts: list[float] = []
+        self._gaps: list[float] = []
         self._cache_arg = _cache_arg(model)
         eos = tokenizer.eos_token_id
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -163,8 +249,42 @@ class GenerationScheduler:
 
     # -- the consumers' side (any thread) ------------------------------------
 
+    def reservation_bytes(self, peak_tokens: list[int]) -> int:
+        """The most KV bytes a padded batch of sequences with these peaks may reach."""
+        return len(peak_tokens) * max(peak_tokens, default=0) * self.kv_bytes_per_token
+
+    def check_fits(self, peak_tokens: int) -> None:
+        """Refuse a sequence that can never fit the KV budget (413) or cannot fit now (429)."""
+        budget = self.kv_budget_bytes
+        if budget is None:
+            return
+        need = self.reservation_bytes([peak_tokens])
+        if need > budget:
+            raise RequestTooLargeForDevice(
+                f"prompt plus max_tokens is {peak_tokens} tokens: {need / 2**20:.1f} MiB of KV cache, more than "
+                f"this replica's KV-cache budget of {budget / 2**20:.1f} MiB (generation.kv_cache_bytes, or what the "
+                "device has free); lower max_tokens or shorten the prompt",
+                param="max_tokens",
+                code="request_too_large_for_device",
+            )
+        queued = [s.peak_tokens for s in list(self._running) + list(self._waiting)]
+        if self.reservation_bytes(queued + [peak_tokens]) > budget:
+            raise Overloaded(
+                f"the KV cache is full: the running and waiting sequences hold {len(queued)} places; retry when "
+                "the first of them ends",
+                retry_after_s=max(1.0, self._first_end_s()),
+                code="kv_cache_full",
+            )
+
+    def _first_end_s(self) -> float:
+        """About when the first running sequence ends (its remaining tokens at the recent step time)."""
+        left = [s.max_tokens - len(s.ids or ()) for s in list(self._running)]
+        return min(left, default=0) * self._step_s
+
     def submit(self, seq: Sequence) -> Sequence:
         """Queue a sequence; it joins the running batch at the next step with room."""
+        if self.kv_budget_bytes is not None and self.reservation_bytes([seq.peak_tokens]) > self.kv_budget_bytes:
+            self.check_fits(seq.peak_tokens)  # raises the 413
         seq.submitted_s = self.clock()
         with self._cv:
             if self._stopped:
@@ -226,25 +346,128 @@ class GenerationScheduler:
                     for s in self._waiting + self._running:
                         s.events.put(RuntimeError("the generation scheduler stopped"))
                     return
-                room = self.max_running - len(self._running)
-                joining, self._waiting = self._waiting[:room], self._waiting[room:]
+                joining = self._admit()
+            started = self.clock()
+            failed: Optional[BaseException] = None
+            oom_message: Optional[str] = None
             try:
                 with torch.inference_mode():
                     self._drop(lambda s: s.cancelled)
                     joining = [s for s in joining if not s.cancelled]
                     if joining:
                         self._join(joining)
-                    elif self._running:
+                    # The sequences already running do not pause for a prefill: every iteration steps.
+                    if self._running:
                         self._step()
-            except Exception as e:  # noqa: BLE001 - fail the batch's requests, keep the thread
-                logger.error("gpuserve: generation step failed", exc_info=e)
-                for s in self._running + [s for s in joining if s not in self._running]:
-                    s.events.put(e)
+            except Exception as e:  # noqa: BLE001 - fail (or on OOM, preempt) the batch, keep the thread
+                if is_oom(e):
+                    # Keep only the message: the exception's traceback pins the failed step's tensors, which
+                    # the recovery must free (it runs once this handler has ended).
+                    oom_message = str(e)
+                else:
+                    failed = e
+                    logger.error("gpuserve: generation step failed", exc_info=e)
+            if failed is not None or oom_message is not None:
+                involved = self._running + [s for s in joining if s not in self._running]
                 self._running, self._cache, self._mask, self._next = [], None, None, None
+                if oom_message is not None:
+                    self._recover_from_oom(involved, oom_message)
+                else:
+                    for s in involved:
+                        s.events.put(failed)
+                failed = None
+            else:
+                self._steps_since_oom += 1
+                if self._cap < self.max_running and self._steps_since_oom >= CAP_RECOVERY_STEPS:
+                    self._cap, self._steps_since_oom = min(self.max_running, 2 * self._cap), 0
+                # A smoothed step time, for Retry-After.
+                self._step_s += 0.2 * ((self.clock() - started) - self._step_s)
             self.last_step_s = self.clock()
             self.steps += 1
-            if self.on_step is not None:
-                self.on_step(len(self._running), len(self._waiting))
+            self._report()
+
+    def _admit(self) -> list[Sequence]:
+        """Take the waiting sequences that join now (under the lock): in order, while the running set has
+        room and the padded batch's bound stays within the KV budget."""
+        joining: list[Sequence] = []
+        while self._waiting and len(self._running) + len(joining) < self._cap:
+            s = self._waiting[0]
+            if self.kv_budget_bytes is not None and (self._running or joining):
+                peaks = [x.peak_tokens for x in self._running + joining + [s]]
+                if self.reservation_bytes(peaks) > self.kv_budget_bytes:
+                    break
+            joining.append(self._waiting.pop(0))
+        return joining
+
+    def _recover_from_oom(self, involved: list[Sequence], error: str) -> None:
+        """Free the device's cache; preempt a batch, retry a lone sequence once, then classify it."""
+        self.free_memory()
+        self._steps_since_oom = 0
+        live = [s for s in involved if not s.cancelled]
+        if len(involved) > 1:
+            # Load-induced: every sequence goes back first in line, to be prefilled again with what it has.
+            self._cap = max(1, len(involved) // 2)
+            self._note_oom("preempted")
+            for s in live:
+                s.preempted += 1
+            with self._cv:
+                self._waiting = live + self._waiting
+            logger.warning("gpuserve: out of memory with %d sequences; preempted them, running at most %d", len(involved), self._cap)
+            return
+        for s in live:
+            s.ooms_alone += 1
+            if s.ooms_alone < 2:
+                with self._cv:  # once more, after the cache was freed
+                    self._waiting.insert(0, s)
+                continue
+            if s.peak_tokens > self._largest_ok_tokens:
+                self._note_oom("too_large")
+                s.events.put(
+                    RequestTooLargeForDevice(
+                        f"the request ran out of device memory alone, twice, at {len(s.prompt_ids) + len(s.ids)} tokens "
+                        f"(prompt plus max_tokens: {s.peak_tokens}; the largest that completed here: "
+                        f"{self._largest_ok_tokens}); lower max_tokens or shorten the prompt",
+                        param="max_tokens",
+                        code="request_too_large_for_device",
+                    )
+                )
+            else:
+                # As large as sequences that completed here: the device, not the request.
+                self._note_oom("persistent")
+                self.persistent_oom_s.append(self.clock())
+                s.events.put(
+                    ModelNotReady(
+                        f"the device ran out of memory on a request no larger than ones that completed here "
+                        f"({error}); retry, another replica may take it",
+                        code="device_out_of_memory",
+                    )
+                )
+
+    def _note_oom(self, cause: str) -> None:
+        self.ooms[cause] += 1
+        if self.observer is not None:
+            try:
+                self.observer.oom(cause)
+            except Exception as e:  # noqa: BLE001 - metrics must never stop generation
+                logger.warning("gpuserve: the scheduler's observer failed: %s", e)
+
+    def _report(self) -> None:
+        firsts, gaps, self._firsts, self._gaps = self._firsts, self._gaps, [], []
+        if self.observer is None:
+            return
+        try:
+            if firsts:
+                self.observer.first_tokens(firsts)
+            self.observer.step(len(self._running), len(self._waiting), self.kv_cache_bytes(), gaps)
+        except Exception as e:  # noqa: BLE001 - metrics must never stop generation
+            logger.warning("gpuserve: the scheduler's observer failed: %s", e)
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes the running batch's KV cache holds (padding included: it is allocated)."""
+        cache = self._cache
+        if cache is None:
+            return 0
+        return sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
 
     def _forward(self, input_ids: Any, mask: Any, cache: Any) -> tuple[Any, Any]:
         import torch
@@ -261,14 +484,15 @@ class GenerationScheduler:
         import torch
 
         device = self.model.device
-        width = max(len(s.prompt_ids) for s in joining)
+        # A preempted sequence is prefilled with what it generated so far: it goes on where it stopped.
+        inputs = [s.prompt_ids + s.ids for s in joining]
+        width = max(len(x) for x in inputs)
         ids = torch.full((len(joining), width), self.tokenizer.pad_token_id or 0, dtype=torch.long, device=device)
         mask = torch.zeros((len(joining), width), dtype=torch.long, device=device)
-        for i, s in enumerate(joining):
-            n = len(s.prompt_ids)
-            ids[i, width - n :] = torch.tensor(s.prompt_ids, device=device)
-            mask[i, width - n :] = 1
-            if s.seed is not None and s.temperature > 0.0:
+        for i, (s, x) in enumerate(zip(joining, inputs)):
+            ids[i, width - len(x) :] = torch.tensor(x, device=device)
+            mask[i, width - len(x) :] = 1
+            if s.seed is not None and s.temperature > 0.0 and s._generator is None:
                 s._generator = torch.Generator(device=device).manual_seed(s.seed)
         logits, cache = self._forward(ids, mask, None)
         tokens = self._sample(logits, joining)
@@ -278,7 +502,7 @@ class GenerationScheduler:
         else:
             self._merge(cache, mask, tokens)
             self._running += joining
-        self._advance(tokens, joining, first=True)
+        self._advance(tokens, joining)
 
     def _merge(self, cache: Any, mask: Any, tokens: Any) -> None:
         """Append the rows of a freshly prefilled cache to the running batch's (left-padding the shorter)."""
@@ -304,7 +528,7 @@ class GenerationScheduler:
         self._mask = torch.cat([self._mask, ones], dim=1)
         logits, _ = self._forward(self._next[:, None], self._mask, self._cache)
         self._next = self._sample(logits, self._running)
-        self._advance(self._next, list(self._running), first=False)
+        self._advance(self._next, list(self._running))
 
     def _sample(self, logits: Any, seqs: list[Sequence]) -> Any:
         """The next token of each row: argmax for greedy rows, else temperature and nucleus sampling."""
@@ -324,15 +548,20 @@ class GenerationScheduler:
             tokens[i] = torch.multinomial(probs, 1, generator=s._generator)[0]
         return tokens
 
-    def _advance(self, tokens: Any, seqs: list[Sequence], first: bool) -> None:
+    def _advance(self, tokens: Any, seqs: list[Sequence]) -> None:
         """Record each row's new token; finish the rows that ended and drop them from the batch."""
         now = self.clock()
         for s, tok in zip(seqs, tokens.tolist()):
-            if first:
-                s.first_token_s = now
             if tok in self.eos_ids:
                 self._finish(s, "stop")
                 continue
+            # An output token (the end-of-sequence token is none): time it.
+            if s.last_token_s is None:
+                s.first_token_s = now
+                self._firsts.append(now - s.submitted_s)
+            else:
+                self._gaps.append(now - s.last_token_s)
+            s.last_token_s = now
             s.ids.append(tok)
             if s.incremental and self._emit(s):
                 continue  # a stop sequence ended it
@@ -368,6 +597,7 @@ class GenerationScheduler:
             s.events.put(s.text[s._shown :])
             s._shown = len(s.text)
         s.events.put(Finished(reason, len(s.ids)))
+        self._largest_ok_tokens = max(self._largest_ok_tokens, len(s.prompt_ids) + len(s.ids))
         s.ids = None  # type: ignore[assignment] - marks it for removal from the batch
 
     def _drop(self, gone: Callable[[Sequence], bool]) -> None:

@@ -21,7 +21,15 @@ from typing import Any, Iterator, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator, model_validator
 
 from deployments._base import Task, parse_body
-from deployments._scheduler import Finished, GenerationScheduler, Sequence, cut_at_stop, safe_prefix_len, supports
+from deployments._scheduler import (
+    Finished,
+    GenerationScheduler,
+    Sequence,
+    cut_at_stop,
+    kv_bytes_per_token,
+    safe_prefix_len,
+    supports,
+)
 from serving.errors import InvalidRequest
 
 logger = logging.getLogger("ray.serve")
@@ -377,9 +385,56 @@ class TextGenerationTask(Task):
                 logger.warning("gpuserve: the iteration scheduler cannot run this model (%s); using static", why_not)
                 self.scheduler_mode = "static"
             else:
+                element = next(self.model.parameters()).element_size()
                 self.scheduler = GenerationScheduler(
-                    self.model, self.lm.tokenizer, self.spec.generation.max_running_sequences
+                    self.model,
+                    self.lm.tokenizer,
+                    self.spec.generation.max_running_sequences,
+                    kv_bytes_per_token=kv_bytes_per_token(self.model.config, element),
+                    kv_budget_bytes=self._kv_budget_bytes(),
+                    free_memory=self._free_memory,
                 )
+
+    def _kv_budget_bytes(self) -> Optional[int]:
+        """The configured KV-cache budget, else on CUDA 80 % of what the high-water mark leaves after loading."""
+        if self.spec.generation.kv_cache_bytes is not None:
+            return self.spec.generation.kv_cache_bytes
+        if self.device != "cuda":
+            return None
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        others = max(0, (total - free) - torch.cuda.memory_reserved())
+        left = self.spec.memory.high_water_ratio * total - others - torch.cuda.memory_allocated()
+        # The rest is for activations (a prefill's logits and attention) and fragmentation.
+        return max(0, int(0.8 * left))
+
+    def _free_memory(self) -> None:
+        import gc
+
+        gc.collect()
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def health(self) -> None:
+        super().health()
+        if self.scheduler is not None:
+            mem = self.spec.memory
+            now = time.monotonic()
+            recent = [t for t in list(self.scheduler.persistent_oom_s) if now - t <= mem.oom_window_s]
+            if len(recent) > mem.max_ooms_in_window:
+                raise RuntimeError(
+                    f"{len(recent)} out-of-memory errors in {mem.oom_window_s:.0f} s on sequences no larger than "
+                    f"ones that completed here (limit {mem.max_ooms_in_window}, memory.max_ooms_in_window): the "
+                    "device, not the requests"
+                )
+
+    def set_observer(self, observer: Any) -> None:
+        # Token-level metrics come from the iteration scheduler (the static path reports none).
+        if self.scheduler is not None:
+            self.scheduler.observer = observer
 
     @property
     def runs_concurrently(self) -> bool:
@@ -474,6 +529,9 @@ class TextGenerationTask(Task):
                 param="max_tokens" if n < self.max_positions else what,
                 code="context_length_exceeded",
             )
+        if self.scheduler is not None:
+            # Before any work, and before a stream's head is sent: 413 if it can never fit, 429 if not now.
+            self.scheduler.check_fits(n + max_tokens)
         usage = req.stream_options.include_usage if req.stream_options else False
         return CompletionItem(
             ids, max_tokens, req.temperature, req.top_p, req.stops(), req.stream, index, req.seed, chat, usage
@@ -621,7 +679,19 @@ class TextGenerationTask(Task):
         return self.max_positions - WARMUP_NEW_TOKENS
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "context_tokens": self.max_positions, "chat_template": self.lm.has_chat_template}
+        facts = {**super().describe(), "context_tokens": self.max_positions, "chat_template": self.lm.has_chat_template}
+        sched = self.scheduler
+        facts["generation"] = {"scheduler": self.scheduler_mode}
+        if sched is not None:
+            facts["generation"].update(
+                running=sched.running,
+                waiting=sched.waiting,
+                kv_cache_bytes=sched.kv_cache_bytes(),
+                kv_budget_bytes=sched.kv_budget_bytes,
+                kv_bytes_per_token=sched.kv_bytes_per_token,
+                ooms=dict(sched.ooms),
+            )
+        return facts
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -82,17 +82,27 @@ class Metric:
     """
 
     name: str
-    kind: Literal["gauge", "counter"]
+    kind: Literal["gauge", "counter", "histogram"]
     help: str
     tags: tuple[str, ...]
     via_ray: bool = True
+    # A histogram's bucket upper bounds.
+    boundaries: tuple[float, ...] = ()
 
     @property
     def exported_name(self) -> str:
-        """The name a Prometheus query uses: Ray's ``ray_`` prefix, and ``_total`` on counters."""
+        """The name a Prometheus query uses: Ray's ``ray_`` prefix, and ``_total`` on counters (a
+        histogram's series add ``_bucket``, ``_sum`` and ``_count`` to it)."""
         prefix = "ray_" if self.via_ray else ""
         suffix = "_total" if self.kind == "counter" else ""
         return prefix + self.name + suffix
+
+    @property
+    def exported_series(self) -> tuple[str, ...]:
+        """Every series name the metric exports."""
+        if self.kind == "histogram":
+            return tuple(self.exported_name + s for s in ("_bucket", "_sum", "_count"))
+        return (self.exported_name,)
 
 
 _REPLICA = ("deployment", "replica")
@@ -138,6 +148,35 @@ METRICS: dict[str, Metric] = {
         ),
         Metric(
             "gpuserve_torch_oom_count", "gauge", "Out-of-memory errors torch's allocator has seen in this replica.", _GPU
+        ),
+        # Text generation (each model replica running the iteration scheduler).
+        Metric(
+            "gpuserve_time_to_first_token_seconds",
+            "histogram",
+            "From a generation request reaching the scheduler to its first token.",
+            _REPLICA,
+            boundaries=(0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0),
+        ),
+        Metric(
+            "gpuserve_inter_token_latency_seconds",
+            "histogram",
+            "Between two consecutive tokens of one sequence.",
+            _REPLICA,
+            boundaries=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
+        ),
+        Metric("gpuserve_generated_tokens", "counter", "Tokens generated (output tokens).", _REPLICA),
+        Metric(
+            "gpuserve_sequences",
+            "gauge",
+            "Sequences in the scheduler, by state (running: decoding; waiting: not yet admitted).",
+            ("deployment", "replica", "state"),
+        ),
+        Metric("gpuserve_kv_cache_bytes", "gauge", "Bytes held by the running batch's KV cache.", _REPLICA),
+        Metric(
+            "gpuserve_ttft_slo_seconds",
+            "gauge",
+            "The deployment's time-to-first-token target (generation.ttft_slo_s), for the alert.",
+            _REPLICA,
         ),
         # Admission (each gateway). received equals the sum of requests over outcome once nothing is pending.
         Metric("gpuserve_requests_received", "counter", "Requests that reached the gateway.", ("deployment",)),
@@ -188,4 +227,4 @@ def metric(name: str) -> Metric:
 
 def exported_metric_names() -> set[str]:
     """Every metric name as Prometheus sees it (what dashboards and alerts may query)."""
-    return {m.exported_name for m in METRICS.values()}
+    return {name for m in METRICS.values() for name in m.exported_series}

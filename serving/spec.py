@@ -496,6 +496,20 @@ class GenerationSpec(_Spec):
     max_running_sequences: int = Field(
         default=16, ge=1, le=4096, description="Most sequences decoding at once with the iteration scheduler; more wait."
     )
+    kv_cache_bytes: Optional[int] = Field(
+        default=None,
+        ge=1,
+        description="Most bytes the running sequences' KV cache may reach (each sequence counted at its prompt "
+        "plus max_tokens, the batch padded to its longest). None: on CUDA, 80 % of what memory.high_water_ratio "
+        "leaves once the model is loaded; on the CPU, no bound.",
+    )
+    ttft_slo_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=3600,
+        description="Time-to-first-token target: the GpuserveTimeToFirstTokenSlo alert fires when the 5-minute "
+        "p99 of a deployment's replicas exceeds it.",
+    )
 
 
 class ModelDeployment(_Spec):

@@ -15,11 +15,13 @@ from serving.protocol import metric
 
 def _ray_metric(name: str):
     """A Ray metric built from its entry in the protocol's catalogue."""
-    from ray.util.metrics import Counter, Gauge
+    from ray.util.metrics import Counter, Gauge, Histogram
 
     m = metric(name)
     if not m.via_ray:
         raise ValueError(f"metric {name!r} is exported by `gpuserve status`, not through Ray")
+    if m.kind == "histogram":
+        return Histogram(m.name, m.help, list(m.boundaries), m.tags)
     return (Gauge if m.kind == "gauge" else Counter)(m.name, m.help, m.tags)
 
 # Ray stops exporting a gauge value that is not set again within a few tens of
@@ -81,7 +83,9 @@ _oom_counter = None
 
 
 def record_oom(deployment: str, replica: str, kind: str) -> None:
-    """Count an out-of-memory error by kind: ``split`` (batch halved and retried) or ``too_large`` (413)."""
+    """Count an out-of-memory error by kind: ``split`` (a batch halved and retried), ``preempted`` (a
+    generation batch recomputed), ``too_large`` (one request, 413) or ``persistent`` (the device's; counts
+    toward replacing the replica)."""
     global _oom_counter
     if _oom_counter is None:
         _oom_counter = _ray_metric("gpuserve_oom")
@@ -134,6 +138,54 @@ def start_gpu_metrics(deployment: str, replica: str, telemetry) -> None:
             time.sleep(REFRESH_PERIOD_S)
 
     threading.Thread(target=_refresh_forever, name="gpuserve-gpu-metrics", daemon=True).start()
+
+
+class GenerationMetrics:
+    """Token-level metrics of a text-generation replica: the observer its scheduler calls
+    (``deployments._scheduler.StepObserver``), on the model thread, once per step."""
+
+    def __init__(self, deployment: str, replica: str, ttft_slo_s: float):
+        self.tags = {"deployment": deployment, "replica": replica}
+        self._ttft = _ray_metric("gpuserve_time_to_first_token_seconds")
+        self._itl = _ray_metric("gpuserve_inter_token_latency_seconds")
+        self._tokens = _ray_metric("gpuserve_generated_tokens")
+        self._sequences = _ray_metric("gpuserve_sequences")
+        self._kv = _ray_metric("gpuserve_kv_cache_bytes")
+        self._slo = _ray_metric("gpuserve_ttft_slo_seconds")
+        self._ttft_slo_s = ttft_slo_s
+        self._last = (0, 0, 0)
+        self._record_gauges()
+        threading.Thread(target=self._refresh_forever, name="gpuserve-generation-metrics", daemon=True).start()
+
+    def first_tokens(self, ttfts_s: list[float]) -> None:
+        for t in ttfts_s:
+            self._ttft.observe(t, self.tags)
+        if ttfts_s:
+            self._tokens.inc(len(ttfts_s), self.tags)
+
+    def step(self, running: int, waiting: int, kv_cache_bytes: int, token_gaps_s: list[float]) -> None:
+        for gap in token_gaps_s:
+            self._itl.observe(gap, self.tags)
+        if token_gaps_s:
+            self._tokens.inc(len(token_gaps_s), self.tags)
+        self._last = (running, waiting, kv_cache_bytes)
+        self._record_gauges()
+
+    def oom(self, cause: str) -> None:
+        record_oom(self.tags["deployment"], self.tags["replica"], cause)
+
+    def _record_gauges(self) -> None:
+        running, waiting, kv = self._last
+        self._sequences.set(running, {**self.tags, "state": "running"})
+        self._sequences.set(waiting, {**self.tags, "state": "waiting"})
+        self._kv.set(kv, self.tags)
+        self._slo.set(self._ttft_slo_s, self.tags)
+
+    def _refresh_forever(self) -> None:
+        # Ray drops a gauge not set again within tens of seconds; an idle scheduler takes no steps.
+        while True:
+            time.sleep(REFRESH_PERIOD_S)
+            self._record_gauges()
 
 
 class AdmissionMetrics:

@@ -9,10 +9,13 @@ every branch is tested with injected OOMs on the CPU and the same code runs on a
   that alone exceeds it is answered 413 ``request_too_large_for_device``, naming the limit.
 * **OOM, load-induced**: a batch that runs out of memory anyway is halved and retried after the cache is
   freed, down to single requests; every request still gets its answer.
-* **OOM, one request**: a single request that runs out of memory on an otherwise idle model thread is
-  too large for the device: 413 with the limit, not a retry loop.
-* **OOM, persistent**: more than ``max_ooms`` in ``window_s`` and the replica reports unhealthy, so Serve
-  replaces it.
+* **OOM, one request**: a single request that runs out of memory alone is retried once after the cache
+  is freed. If it fails again and is larger (in tokens) than any request that completed here, it is too
+  large for the device: 413 with the limit, not a retry loop, and it does not count against the replica.
+* **OOM, persistent**: a single request no larger than ones that completed here that fails alone twice:
+  the device, not the request (503, retried elsewhere). Only these count: more than ``max_ooms`` in
+  ``window_s`` and the replica reports unhealthy, so Serve replaces it. Load-induced OOMs (split) and
+  too-large requests never do.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-from serving.errors import RequestTooLargeForDevice
+from serving.errors import ModelNotReady, RequestTooLargeForDevice
 
 logger = logging.getLogger("ray.serve")
 
@@ -96,7 +99,7 @@ class BatchRunner:
         clock: Monotonic seconds.
         window_s: The window for counting OOMs.
         max_ooms: More OOMs than this in the window mark the replica unhealthy.
-        on_oom: Called with the OOM's kind (``split`` or ``too_large``) for metrics.
+        on_oom: Called with the OOM's kind (``split``, ``too_large`` or ``persistent``) for metrics.
     """
 
     def __init__(
@@ -115,8 +118,11 @@ class BatchRunner:
         self.model, self.budget_bytes = model, budget_bytes
         self.free_cache, self.clock = free_cache, clock
         self.window_s, self.max_ooms, self.on_oom = window_s, max_ooms, on_oom
+        # The persistent OOMs (the ones that count toward the replica's health) in the window.
         self._ooms: deque[float] = deque()
         self.oom_total = 0
+        # The most tokens a request had that completed: evidence of what the device holds.
+        self.largest_ok_tokens = 0
 
     # -- admission -------------------------------------------------------------------------
 
@@ -168,10 +174,12 @@ class BatchRunner:
                 out[i] = o
         return [o if o is not None else Outcome(error=RuntimeError("no outcome")) for o in out]
 
-    def _run(self, items: list[Any]) -> list[Outcome]:
+    def _run(self, items: list[Any], retry_alone: bool = True) -> list[Outcome]:
         oom = False
         try:
-            return [Outcome(v) for v in self.run_batch(items)]
+            values = self.run_batch(items)
+            self.largest_ok_tokens = max([self.largest_ok_tokens, *map(self.tokens_of, items)])
+            return [Outcome(v) for v in values]
         except Exception as e:  # noqa: BLE001 - classified here, reported per item
             if not is_oom(e) and len(items) == 1:
                 return [Outcome(error=e)]
@@ -179,30 +187,39 @@ class BatchRunner:
         # Go on outside the handler: a live exception's traceback pins the failed attempt's tensors, so
         # nothing could be freed inside it (measured on an H200: every retry from inside failed).
         if oom:
-            self._record_oom()
+            self.oom_total += 1
             self.free_cache()
             if len(items) == 1:
-                self.on_oom("too_large")
-                t = self.tokens_of(items[0])
-                limit = f"{self.budget_bytes / 2**20:.0f} MiB" if self.budget_bytes else "the device's memory"
-                return [
-                    Outcome(
-                        error=RequestTooLargeForDevice(
-                            f"this request ({t} tokens) ran out of device memory on its own (limit {limit}); "
-                            "send a shorter input or a smaller max_tokens",
-                            code="request_too_large_for_device",
-                        )
-                    )
-                ]
+                if retry_alone:  # once more, on the freed cache
+                    return self._run(items, retry_alone=False)
+                return [Outcome(error=self._lone_oom(self.tokens_of(items[0])))]
             self.on_oom("split")
             mid = len(items) // 2
             return self._run(items[:mid]) + self._run(items[mid:])
         # A non-memory failure of a batch: one by one, so only the item at fault gets the error.
         return [self._run([it])[0] for it in items]
 
+    def _lone_oom(self, tokens: int) -> BaseException:
+        """A request that ran out of memory alone, twice: too large (413), or the device's trouble (503)."""
+        if tokens > self.largest_ok_tokens:
+            self.on_oom("too_large")
+            limit = f"{self.budget_bytes / 2**20:.0f} MiB" if self.budget_bytes else "the device's memory"
+            return RequestTooLargeForDevice(
+                f"this request ({tokens} tokens) ran out of device memory on its own (limit {limit}; the largest "
+                f"request that completed here had {self.largest_ok_tokens} tokens); send a shorter input or a "
+                "smaller max_tokens",
+                code="request_too_large_for_device",
+            )
+        self.on_oom("persistent")
+        self._record_oom()
+        return ModelNotReady(
+            f"the device ran out of memory on a request of {tokens} tokens, no larger than ones that completed "
+            "here; retry, another replica may take it",
+            code="device_out_of_memory",
+        )
+
     def _record_oom(self) -> None:
         now = self.clock()
-        self.oom_total += 1
         self._ooms.append(now)
         while self._ooms and self._ooms[0] < now - self.window_s:
             self._ooms.popleft()

@@ -25,7 +25,7 @@ from serving._private.http import read_json
 from serving._private.ledger import WRITE_PERIOD_S, CallsByGateway, Ledger
 from serving._private.memory import free_cache_for, memory_budget_bytes, probe_for
 from serving._private.oom import BatchRunner, MemoryModel, Outcome
-from serving._private.metrics import record_lifecycle, record_oom, start_gpu_metrics
+from serving._private.metrics import GenerationMetrics, record_lifecycle, record_oom, start_gpu_metrics
 from serving._private.registry import resolve_task
 from serving._private.signals import MEMORY_HEADROOM, LoadSignals
 from serving._private.surface import OpenAIRoutes, Reply, make_api, respond, to_response
@@ -120,6 +120,9 @@ class ModelServer(OpenAIRoutes):
             max_ooms=mem.max_ooms_in_window,
             on_oom=lambda kind: record_oom(self.spec.name, self.replica_id, kind),
         )
+        if getattr(self.task, "runs_concurrently", False):
+            # A task with its own step scheduler generates tokens: time them.
+            self.task.set_observer(GenerationMetrics(self.spec.name, self.replica_id, self.spec.generation.ttft_slo_s))
         self.gpu = GpuTelemetry()
         if self.task.device == "cuda":
             start_gpu_metrics(self.spec.name, self.replica_id, self.gpu)

@@ -47,11 +47,13 @@ class SlowEmbeddingsTask(EmbeddingsTask):
 class OomInjectingTask(EmbeddingsTask):
     """Embeddings that run out of memory the way a GPU does, through torch's own exception type:
     a batch of more than one item holding 'OOM-BATCH' fails (load-induced), and an input
-    'OOM-ALWAYS' fails even alone (a request too large for the device)."""
+    'OOM-ALWAYS' or 'OOM-DEVICE' fails even alone (a request too large for the device when it is
+    larger than the requests that completed, a device in trouble when it is not)."""
 
     def run_batch(self, items):
         texts = [t for it in items for t in it.texts]
-        if any("OOM-ALWAYS" in t for t in texts) or (len(items) > 1 and any("OOM-BATCH" in t for t in texts)):
+        alone = ("OOM-ALWAYS", "OOM-DEVICE")
+        if any(m in t for t in texts for m in alone) or (len(items) > 1 and any("OOM-BATCH" in t for t in texts)):
             import torch
 
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by the test task)")

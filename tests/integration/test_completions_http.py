@@ -71,3 +71,39 @@ def test_bad_input(generation_client, body, status, code):
 def test_embeddings_route_is_not_served_here(generation_client):
     r = generation_client.post("/v1/embeddings", json={"input": "x"})
     assert r.status_code == 404 and "/v1/completions" in r.json()["error"]["message"]
+
+
+def test_token_metrics_reach_prometheus_with_deployment_and_replica(generation_client, metrics_port):
+    import time
+
+    import httpx
+
+    replica = generation_client.get("/health").headers["x-gpuserve-replica"]
+    r = generation_client.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0})
+    assert r.status_code == 200
+    made = r.json()["usage"]["completion_tokens"]
+    names = (
+        "ray_gpuserve_time_to_first_token_seconds_bucket",
+        "ray_gpuserve_inter_token_latency_seconds_count",
+        "ray_gpuserve_generated_tokens_total",
+        "ray_gpuserve_sequences",
+        "ray_gpuserve_kv_cache_bytes",
+        "ray_gpuserve_ttft_slo_seconds",
+    )
+
+    def rows(text, name):
+        return [ln for ln in text.splitlines() if ln.startswith(name + "{") and f'replica="{replica}"' in ln]
+
+    deadline, text = time.monotonic() + 90, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        if all(rows(text, n) for n in names):
+            break
+        time.sleep(1)
+    for n in names:
+        assert rows(text, n), f"{n} for replica {replica} not exported"
+        assert 'deployment="tiny-llm"' in rows(text, n)[0]
+    tokens = sum(float(ln.rsplit(" ", 1)[1]) for ln in rows(text, "ray_gpuserve_generated_tokens_total"))
+    assert tokens >= made
+    assert {ln.split('state="')[1].split('"')[0] for ln in rows(text, "ray_gpuserve_sequences")} == {"running", "waiting"}
+    assert float(rows(text, "ray_gpuserve_ttft_slo_seconds")[0].rsplit(" ", 1)[1]) == 1.0

@@ -48,7 +48,7 @@ def test_load_induced_ooms_split_the_batch_and_every_request_is_answered(deploy,
         serve.delete("oom-split")
 
 
-def test_a_request_too_large_gets_413_and_persistent_ooms_replace_the_replica_without_a_crash_loop(
+def test_requests_too_large_get_413_without_costing_the_replica_and_persistent_ooms_replace_it_once(
     deploy, serve_instance
 ):
     from ray import serve
@@ -56,13 +56,20 @@ def test_a_request_too_large_gets_413_and_persistent_ooms_replace_the_replica_wi
     try:
         client = deploy(oom_spec("oom-persist", max_ooms_in_window=2).build(), "oom-persist", "/oom-persist")
         first = client.get("/health").headers[REPLICA]
-        r = client.post("/v1/embeddings", json={"input": "OOM-ALWAYS"})
-        assert r.status_code == 413, r.text
-        err = r.json()["error"]
-        assert err["code"] == "request_too_large_for_device" and "ran out of device memory" in err["message"]
-        assert client.post("/v1/embeddings", json={"input": "fine"}).status_code == 200  # the replica still serves
-        for _ in range(2):  # 3 OOMs in the window: over the limit of 2
-            assert client.post("/v1/embeddings", json={"input": "OOM-ALWAYS"}).status_code == 413
+        # Requests larger than any that completed here run out of memory alone: 413, and never count.
+        for _ in range(5):  # more than max_ooms_in_window
+            r = client.post("/v1/embeddings", json={"input": "OOM-ALWAYS " + "word " * 40})
+            assert r.status_code == 413, r.text
+            err = r.json()["error"]
+            assert err["code"] == "request_too_large_for_device" and "ran out of device memory" in err["message"]
+        for _ in range(4):  # several health checks later, the same replica serves
+            r = client.post("/v1/embeddings", json={"input": "fine, and longer than the request that probes the device"})
+            assert r.status_code == 200 and r.headers[REPLICA] == first
+            time.sleep(1)
+        # OOMs on requests no larger than served ones are the device's: 503 (retry elsewhere), and they count.
+        for _ in range(3):  # 3 in the window: over the limit of 2
+            r = client.post("/v1/embeddings", json={"input": "OOM-DEVICE"})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "device_out_of_memory", r.text
         # check_health now fails; Serve replaces the replica.
         deadline = time.monotonic() + 120
         current = first
@@ -141,7 +148,7 @@ def test_prometheus_scrapes_the_cluster_and_finds_gpuserve_metrics_by_promql(
         client = deploy(oom_spec("oom-metrics", max_ooms_in_window=1000).build(), "oom-metrics", "/oom-metrics")
         with cf.ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda i: client.post("/v1/embeddings", json={"input": f"OOM-BATCH {i}"}), range(8)))
-        assert client.post("/v1/embeddings", json={"input": "OOM-ALWAYS"}).status_code == 413
+        assert client.post("/v1/embeddings", json={"input": "OOM-ALWAYS " + "word " * 40}).status_code == 413
         embeddings_client.post("/v1/embeddings", json={"input": "hello"})
 
         def query(q):

@@ -51,6 +51,24 @@ class SlowSteps:
         return self.model(**kw)
 
 
+class Record:
+    """A step observer that keeps what the scheduler tells it."""
+
+    def __init__(self):
+        self.firsts, self.gaps, self.kv, self.states, self.causes = [], [], [], [], []
+
+    def first_tokens(self, ttfts_s):
+        self.firsts += ttfts_s
+
+    def step(self, running, waiting, kv_cache_bytes, token_gaps_s):
+        self.gaps += token_gaps_s
+        self.kv.append(kv_cache_bytes)
+        self.states.append((running, waiting))
+
+    def oom(self, cause):
+        self.causes.append(cause)
+
+
 def seq(lm, prompt, max_tokens, incremental=False):
     """A greedy sequence of ``prompt``."""
     return Sequence(lm.encode(prompt), max_tokens, 0.0, 1.0, [], incremental=incremental)
@@ -145,14 +163,14 @@ def test_a_client_that_leaves_frees_its_sequence_at_the_next_step(iteration):
 
 def test_the_running_set_is_bounded_and_the_rest_wait_their_turn(iteration, static):
     lm = iteration.lm
-    seen = []
-    sched = GenerationScheduler(lm.model, lm.tokenizer, max_running=2, on_step=lambda r, w: seen.append((r, w)))
+    record = Record()
+    sched = GenerationScheduler(lm.model, lm.tokenizer, max_running=2, observer=record)
     try:
         seqs = [sched.submit(seq(lm, p, m)) for p, m in zip(PROMPTS, MAX_TOKENS)]
         texts = [sched.result(s)[0] for s in seqs]
     finally:
         sched.close()
-    assert max(r for r, _ in seen) == 2 and max(w for _, w in seen) >= 1
+    assert max(r for r, _ in record.states) == 2 and max(w for _, w in record.states) >= 1
     want = static.run_batch([static.parse("completions", b) for b in bodies()])
     assert texts == [w["choices"][0]["text"] for w in want]
 
@@ -228,3 +246,190 @@ def test_supports_refuses_a_model_without_a_dynamic_cache():
             return {"logits": torch.zeros(1, 2, 3)}
 
     assert "not a DynamicCache" in supports(NoCache())
+
+
+def test_the_observer_gets_times_to_first_token_gaps_between_tokens_and_the_kv_cache(iteration):
+    lm = iteration.lm
+    clock = {"now": 0.0}
+
+    def tick():
+        clock["now"] += 0.01  # every clock read is 10 ms later: a fake, monotonic clock
+        return clock["now"]
+
+    seen = Record()
+    sched = GenerationScheduler(lm.model, lm.tokenizer, max_running=4, clock=tick, observer=seen)
+    try:
+        seqs = [sched.submit(seq(lm, p, 6)) for p in ("Once", "GPU")]
+        ends = [sched.result(s)[1] for s in seqs]
+    finally:
+        sched.close()
+    made = sum(e.completion_tokens for e in ends)
+    # One first token per sequence, one gap for each further token: every output token is counted once.
+    assert len(seen.firsts) == 2 and len(seen.firsts) + len(seen.gaps) == made
+    assert all(t > 0 for t in seen.firsts + seen.gaps)
+    assert max(seen.kv) > 0 and seen.kv[-1] == 0  # held while running, freed when all ended
+    assert seen.states[-1] == (0, 0)
+
+
+# -- memory: the KV cache's size, admission against a budget, out-of-memory errors by cause ------------
+
+
+class OomWhen(SlowSteps):
+    """Raises torch's out-of-memory error, as CUDA does, when ``when(rows, length)`` holds for a forward pass."""
+
+    def __init__(self, model, when):
+        super().__init__(model, 0.0)
+        self.when = when
+
+    def __call__(self, **kw):
+        import torch
+
+        rows, length = kw["attention_mask"].shape
+        if self.when(rows, length):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
+        return self.model(**kw)
+
+
+def test_kv_bytes_per_token_from_the_config_is_what_the_cache_holds(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deployments._scheduler import kv_bytes_per_token
+    from serving.testing import make_random_llama, make_tiny_causal_lm
+
+    gqa = make_random_llama(tmp_path / "llama", hidden_size=64, layers=3, heads=4, kv_heads=2, intermediate_size=128)
+    for path in (gqa, make_tiny_causal_lm(tmp_path / "gpt2")):
+        model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        per_token = kv_bytes_per_token(model.config, next(model.parameters()).element_size())
+        seen = Record()
+        sched = GenerationScheduler(model, tok, max_running=2, observer=seen, kv_bytes_per_token=per_token)
+        try:
+            prompt = tok("Once upon a time")["input_ids"]
+            sched.result(sched.submit(Sequence(prompt, 5, 0.0, 1.0, [], incremental=False)))
+        finally:
+            sched.close()
+        # The first iteration prefills the prompt and steps once (feeding the first token); each step adds one.
+        assert seen.kv[:3] == [(len(prompt) + k) * per_token for k in (1, 2, 3)]
+
+
+def budgeted(iteration, tokens, model=None):
+    lm = iteration.lm
+    from deployments._scheduler import kv_bytes_per_token
+
+    per_token = kv_bytes_per_token(lm.model.config, 4)
+    return GenerationScheduler(
+        model or lm.model, lm.tokenizer, max_running=8, kv_bytes_per_token=per_token, kv_budget_bytes=tokens * per_token
+    )
+
+
+def test_a_request_that_can_never_fit_the_kv_budget_is_a_413_at_parse(tiny_lm_dir):
+    from serving.errors import RequestTooLargeForDevice, http_status_for
+
+    task = make_task(tiny_lm_dir, "iteration", kv_cache_bytes=40 * 2 * 2 * 64 * 4)  # 40 tokens of KV
+    try:
+        with pytest.raises(RequestTooLargeForDevice) as ei:
+            task.parse("completions", {"prompt": "Once upon a time", "max_tokens": 60})
+        assert http_status_for(ei.value) == 413 and "KV-cache budget" in str(ei.value) and ei.value.param == "max_tokens"
+        assert task.run_batch([task.parse("completions", {"prompt": "Once", "max_tokens": 20})])[0]["choices"]
+    finally:
+        task.scheduler.close()
+
+
+def test_a_request_that_cannot_fit_now_is_a_429_with_the_time_until_room(iteration):
+    from serving.errors import Overloaded, http_headers_for, http_status_for
+
+    lm = iteration.lm
+    sched = budgeted(iteration, 100, SlowSteps(lm.model, step_s=0.01))
+    try:
+        first = sched.submit(seq(lm, "Once", 55))
+        wait_for_tokens(first, 5)
+        with pytest.raises(Overloaded) as ei:
+            sched.check_fits(len(lm.encode("GPU")) + 55)
+        assert http_status_for(ei.value) == 429 and int(http_headers_for(ei.value)["Retry-After"]) >= 1
+        assert ei.value.code == "kv_cache_full"
+        sched.result(first)
+        sched.check_fits(len(lm.encode("GPU")) + 55)  # room again
+    finally:
+        sched.close()
+
+
+def test_waiting_sequences_join_only_while_the_padded_batch_fits_the_budget(iteration, static):
+    lm = iteration.lm
+    sched = budgeted(iteration, 2 * 45)
+    seen = Record()
+    sched.observer = seen
+    try:
+        seqs = [sched.submit(seq(lm, p, 40)) for p in ("Once", "GPU", "serving models")]
+        texts = [sched.result(s)[0] for s in seqs]
+    finally:
+        sched.close()
+    assert max(r for r, _ in seen.states) == 2 and max(seen.kv) <= sched.kv_budget_bytes
+    want = static.run_batch([static.parse("completions", {"prompt": p, "max_tokens": 40, "temperature": 0}) for p in ("Once", "GPU", "serving models")])
+    assert texts == [w["choices"][0]["text"] for w in want]
+
+
+def test_an_oom_in_a_batch_preempts_it_and_every_request_still_gets_its_own_text(iteration, static):
+    lm = iteration.lm
+    model = OomWhen(lm.model, lambda rows, length: rows > 2)
+    seen = Record()
+    sched = GenerationScheduler(model, lm.tokenizer, max_running=8, observer=seen)
+    try:
+        streamed = sched.submit(seq(lm, PROMPTS[0], MAX_TOKENS[0], incremental=True))
+        rest = [sched.submit(seq(lm, p, m)) for p, m in zip(PROMPTS[1:], MAX_TOKENS[1:])]
+        pieces = []
+        while True:
+            ev = sched.next_event(streamed)
+            if isinstance(ev, Finished):
+                break
+            pieces.append(ev)
+        texts = ["".join(pieces)] + [sched.result(s)[0] for s in rest]
+    finally:
+        sched.close()
+    want = static.run_batch([static.parse("completions", b) for b in bodies()])
+    assert texts == [w["choices"][0]["text"] for w in want]
+    assert set(seen.causes) == {"preempted"} and sched.ooms["preempted"] >= 1 and sched.ooms["persistent"] == 0
+
+
+def test_a_lone_request_too_large_for_the_device_is_a_413_and_not_counted_against_the_replica(iteration):
+    from serving.errors import RequestTooLargeForDevice, http_status_for
+
+    lm = iteration.lm
+    sched = GenerationScheduler(OomWhen(lm.model, lambda rows, length: length > 30), lm.tokenizer, max_running=4)
+    try:
+        small = sched.result(sched.submit(seq(lm, "Once", 10)))
+        assert small[1].completion_tokens == 10
+        with pytest.raises(RequestTooLargeForDevice) as ei:
+            sched.result(sched.submit(seq(lm, "Once", 60)))
+        assert http_status_for(ei.value) == 413 and "alone, twice" in str(ei.value)
+        assert sched.ooms["too_large"] == 1 and sched.ooms["persistent"] == 0 and not sched.persistent_oom_s
+        # The replica goes on serving.
+        assert sched.result(sched.submit(seq(lm, "GPU", 5)))[1].completion_tokens == 5
+    finally:
+        sched.close()
+
+
+def test_ooms_on_requests_no_larger_than_served_ones_are_the_devices_and_fail_its_health(tiny_lm_dir):
+    from serving import MemorySpec
+    from serving.errors import ModelNotReady, http_status_for
+
+    spec = ModelDeployment(
+        name="tiny",
+        task="text_generation",
+        model=ModelSource(path=str(tiny_lm_dir)),
+        generation=GenerationSpec(scheduler="iteration"),
+        memory=MemorySpec(max_ooms_in_window=1),
+    )
+    task = TextGenerationTask(spec)
+    try:
+        body = {"prompt": "Once", "max_tokens": 8, "temperature": 0}
+        assert task.run_batch([task.parse("completions", body)])[0]["usage"]["completion_tokens"] == 8
+        broken = OomWhen(task.scheduler.model, lambda rows, length: True)
+        task.scheduler.model = broken
+        for _ in range(2):
+            with pytest.raises(ModelNotReady) as ei:
+                task.run_batch([task.parse("completions", body)])
+            assert http_status_for(ei.value) == 503 and ei.value.code == "device_out_of_memory"
+        assert task.scheduler.ooms["persistent"] == 2
+        with pytest.raises(RuntimeError, match="2 out-of-memory errors .* the device, not the requests"):
+            task.health()
+    finally:
+        task.scheduler.close()

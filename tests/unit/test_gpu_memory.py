@@ -215,10 +215,11 @@ def test_a_single_request_that_runs_out_of_memory_gets_a_413_not_a_retry_loop():
             raise oom()
         return echo(items)
 
-    out = runner(run).run([Item("a"), Item("big"), Item("b")])
+    out = runner(run).run([Item("a"), Item("big", tokens=500), Item("b")])
     assert out[0].value == "a" and out[2].value == "b"
     assert isinstance(out[1].error, RequestTooLargeForDevice)
-    assert calls.count(1) <= 3  # the big one ran alone once: no retry loop
+    # a, b, and the big one alone twice (once more after the cache was freed): no retry loop.
+    assert calls.count(1) <= 4
 
 
 def test_memory_is_freed_only_after_the_failed_attempt_is_released():
@@ -248,19 +249,59 @@ def test_memory_is_freed_only_after_the_failed_attempt_is_released():
 
 
 def test_persistent_ooms_mark_the_replica_unhealthy_until_the_window_passes():
+    from serving.errors import ModelNotReady, http_status_for
+
     t = {"now": 0.0}
+    device = {"broken": False}
+    kinds = []
 
     def run(items):
-        raise oom()
+        if device["broken"]:
+            raise oom()
+        return echo(items)
 
     r = runner(run, max_ooms=2, clock=lambda: t["now"])
+    r.on_oom = kinds.append
+    assert r.run([Item("x")])[0].value == "x"  # a request of 10 tokens completed here
+    device["broken"] = True
     for k in range(3):
         t["now"] = float(k)
-        assert isinstance(r.run([Item("x")])[0].error, RequestTooLargeForDevice)
+        err = r.run([Item("x")])[0].error  # as large as one that completed: the device's trouble
+        assert isinstance(err, ModelNotReady) and http_status_for(err) == 503 and err.code == "device_out_of_memory"
+    assert kinds == ["persistent"] * 3
     reason = r.unhealthy_reason()
     assert reason and "3 out-of-memory errors in the last 60 s (limit 2)" in reason
     t["now"] = 100.0
     assert r.unhealthy_reason() is None
+
+
+def test_requests_too_large_for_the_device_get_413_and_never_count_against_the_replica():
+    kinds = []
+
+    def run(items):
+        if any(it.tokens > 100 for it in items):
+            raise oom()
+        return echo(items)
+
+    r = runner(run, max_ooms=2)
+    r.on_oom = kinds.append
+    assert r.run([Item("small")])[0].value == "small"
+    for _ in range(10):  # far more than max_ooms, within the window
+        assert isinstance(r.run([Item("huge", tokens=5000)])[0].error, RequestTooLargeForDevice)
+    assert r.unhealthy_reason() is None and set(kinds) == {"too_large"}
+    assert r.run([Item("small")])[0].value == "small"
+
+
+def test_load_induced_ooms_never_count_against_the_replica():
+    def run(items):
+        if len(items) > 1:
+            raise oom()
+        return echo(items)
+
+    r = runner(run, max_ooms=1)
+    for _ in range(5):
+        assert [o.value for o in r.run([Item("a"), Item("b")])] == ["a", "b"]
+    assert r.unhealthy_reason() is None and r.oom_total == 5
 
 
 def test_other_errors_fail_only_their_own_item():

@@ -23,7 +23,7 @@ def promtool() -> str:
 def test_promtool_checks_the_alerting_rules():
     out = subprocess.run([promtool(), "check", "rules", str(asset_path(ALERTS))], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 4 rules found" in out.stdout
+    assert "SUCCESS: 5 rules found" in out.stdout
 
 
 def test_promtool_unit_tests_fire_each_alert_and_only_when_due():
