@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=640)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overload-sequences", type=int, default=8, help="long sequences the overload phase's KV budget holds")
+    p.add_argument("--overload-sequences", type=int, default=4, help="long sequences the overload phase's KV budget holds")
     p.add_argument("--skip-overload", action="store_true")
     args = p.parse_args(argv)
     if args.quick:

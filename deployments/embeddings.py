@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
-from deployments._base import Task, parse_body
+from serving.task import Task, parse_body
 from serving.errors import InvalidRequest
 
 __all__ = ["EmbeddingsRequest", "EmbeddingsTask", "SentenceEncoder"]
@@ -102,7 +102,7 @@ class SentenceEncoder:
         return out
 
 
-class EmbeddingsTask(Task):
+class EmbeddingsTask(Task[EmbeddingsItem]):
     """The ``embeddings`` task: OpenAI ``/v1/embeddings`` over a SentenceEncoder."""
 
     endpoints = frozenset({"embeddings"})

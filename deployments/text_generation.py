@@ -20,7 +20,7 @@ from typing import Any, Iterator, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator, model_validator
 
-from deployments._base import Task, parse_body
+from serving.task import Task, parse_body
 from deployments._scheduler import (
     Finished,
     GenerationScheduler,
@@ -368,7 +368,7 @@ class CausalLM:
             raise errors[0]
 
 
-class TextGenerationTask(Task):
+class TextGenerationTask(Task[CompletionItem]):
     """The ``text_generation`` task: OpenAI ``/v1/completions`` and ``/v1/chat/completions`` over a CausalLM."""
 
     endpoints = frozenset({"completions", "chat/completions"})

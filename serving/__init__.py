@@ -38,6 +38,7 @@ from serving.spec import (
     Resources,
     WarmupSpec,
 )
+from serving.task import Task, parse_body
 
 __version__ = "0.1.0"
 
@@ -62,7 +63,9 @@ __all__ = [
     "Resources",
     "ServingSpec",
     "Taint",
+    "Task",
     "Unauthorized",
     "WarmupSpec",
     "__version__",
+    "parse_body",
 ]

@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 # name -> import path of the task class. A task class turns a ModelDeployment
-# spec into a loaded model that answers parsed requests (see deployments/_base.py).
+# spec into a loaded model that answers parsed requests (the contract: serving.task.Task).
 TASKS: dict[str, str] = {
     "embeddings": "deployments.embeddings:EmbeddingsTask",
     "text_generation": "deployments.text_generation:TextGenerationTask",

@@ -85,7 +85,8 @@ class ModelServer(OpenAIRoutes):
         # single thread keeps the event loop free for health checks and parsing.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpuserve-model")
         self.task = resolve_task(self.spec.task)(self.spec)
-        # Threads that wait on a task's own scheduler (one per request the replica may hold).
+        # Threads that wait on a task's own scheduler or pull a stream's chunks (one per request the replica
+        # may hold).
         self._waiters = ThreadPoolExecutor(
             max_workers=self.spec.queue.max_ongoing_requests, thread_name_prefix="gpuserve-wait"
         )
@@ -120,7 +121,7 @@ class ModelServer(OpenAIRoutes):
             max_ooms=mem.max_ooms_in_window,
             on_oom=lambda kind: record_oom(self.spec.name, self.replica_id, kind),
         )
-        if getattr(self.task, "runs_concurrently", False):
+        if self.task.runs_concurrently:
             # A task with its own step scheduler generates tokens: time them.
             self.task.set_observer(GenerationMetrics(self.spec.name, self.replica_id, self.spec.generation.ttft_slo_s))
         self.gpu = GpuTelemetry()
@@ -174,7 +175,7 @@ class ModelServer(OpenAIRoutes):
     async def _run(self, item: Any) -> Any:
         self.watchdog.started(time.monotonic())
         try:
-            if getattr(self.task, "runs_concurrently", False):
+            if self.task.runs_concurrently:
                 # The task's own scheduler batches per decode step: hand each request over at once, from a
                 # thread of its own, instead of holding it for a batch behind the running one.
                 loop = asyncio.get_running_loop()
@@ -195,7 +196,9 @@ class ModelServer(OpenAIRoutes):
         self.watchdog.started(time.monotonic())
         try:
             while True:
-                chunk = await asyncio.to_thread(next, gen, done)
+                # A thread of the replica's own pool (one per request it may hold): asyncio's default pool
+                # has cpu_count + 4 threads, so more concurrent streams would wait for each other's tokens.
+                chunk = await asyncio.get_running_loop().run_in_executor(self._waiters, next, gen, done)
                 if chunk is done:
                     break
                 # A streamed chunk is progress: a long stream is not a stall.

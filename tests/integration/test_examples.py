@@ -92,3 +92,25 @@ def test_quickstart_yaml_with_gpuserve_run(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_the_custom_task_example_answers_openai_clients_from_its_faq(deploy):
+    """docs/tasks.md's example: a user task (by import path) serving /v1/completions with a real model."""
+    import openai
+
+    sys.modules.pop("examples.custom_task", None)
+    example = importlib.import_module("examples.custom_task")
+    client = deploy(example.app, "faq", "/faq")
+    assert client.get("/health").json()["task"] == "examples.custom_task:FaqTask"
+    with openai.OpenAI(base_url=str(client.base_url).rstrip("/") + "/v1", api_key="unused", max_retries=0) as oa:
+        r = oa.completions.create(model="faq", prompt="Why is a fresh GPU node so slow to start serving?")
+        assert r.choices[0].text == example.FAQ["Why does a new GPU node take minutes to serve?"]
+        r = oa.completions.create(model="faq", prompt="The queue is full and my request was rejected: what should I do?")
+        assert r.choices[0].text == example.FAQ["What happens when the queue is full?"]
+        assert r.usage.prompt_tokens > 0
+        with pytest.raises(openai.BadRequestError) as ei:
+            oa.completions.create(model="faq", prompt="x", extra_body={"suffix": "?"})
+        assert ei.value.code == "invalid_extra_forbidden" and "suffix" in ei.value.body["message"]
+    # Chat is not one of its endpoints: a 404 that names what it serves.
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 404 and "/v1/completions" in r.json()["error"]["message"]

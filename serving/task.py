@@ -1,9 +1,11 @@
-"""The task interface the serving layer drives, and helpers shared by tasks.
+"""The task contract: what a model deployment's code implements, and the helpers tasks share.
 
-A task owns a loaded model and nothing else: it parses a request body into a
-work item (raising ``InvalidRequest`` for anything wrong), runs a batch of work
-items, and optionally streams one. It imports neither Ray nor FastAPI, so it is
-tested and benchmarked on its own, and runs on a GPU machine without Ray.
+A task owns a loaded model and nothing else: it parses a request body into a work item (raising
+``InvalidRequest`` for anything wrong), runs a batch of work items, and optionally streams one. It imports
+neither Ray nor FastAPI, so it is tested and benchmarked on its own, and runs on a GPU machine without Ray.
+The built-in tasks (``deployments.embeddings``, ``deployments.text_generation``) implement it; a user task
+subclasses :class:`Task` and is named in a spec by import path (``task="my_module:MyTask"``).
+See docs/tasks.md.
 """
 
 from __future__ import annotations
@@ -11,13 +13,18 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Iterator, Optional
+from typing import Any, ClassVar, Generic, Iterator, Optional, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from serving.errors import InvalidRequest, ModelNotFound
 from serving.spec import ModelDeployment
 from serving.weights import resolve_model_path
+
+__all__ = ["Task", "parse_body", "pick_device", "pick_dtype"]
+
+# A task's work item: whatever its parse returns and its run_batch and stream take.
+ItemT = TypeVar("ItemT")
 
 
 def pick_device(requested: str) -> str:
@@ -110,12 +117,23 @@ def parse_body(model_cls: type[BaseModel], body: Any) -> Any:
         raise InvalidRequest(msg, param=loc, code="invalid_" + err["type"]) from None
 
 
-class Task(ABC):
+class Task(ABC, Generic[ItemT]):
     """A loaded model behind one or more OpenAI endpoints.
 
-    Subclasses set ``endpoints`` and implement the abstract methods. The serving
-    layer calls ``parse`` on the event loop (it must be quick) and
-    ``run_batch``/``stream`` on a worker thread.
+    Subclasses set ``endpoints`` (names from the OpenAI surface: ``embeddings``, ``completions``,
+    ``chat/completions``) and implement the abstract methods; ``ItemT`` is their work item. The
+    serving layer builds the task once per replica (``__init__`` resolves the weights, picks the
+    device and dtype, then calls ``load``), warms it up with ``warmup_items``, calls ``parse`` on
+    the event loop (it must be quick: validation and tokenisation only) and ``run_batch`` /
+    ``stream`` on the replica's model thread.
+
+    Example:
+        >>> class Upper(Task[str]):  # doctest: +SKIP
+        ...     endpoints = frozenset({"completions"})
+        ...     def load(self): self.model = str.upper
+        ...     def parse(self, endpoint, body): return parse_body(MyRequest, body).prompt
+        ...     def run_batch(self, items): return [{"choices": [{"text": self.model(p)}]} for p in items]
+        ...     # warmup_items, count_tokens, item_tokens, max_input_tokens_for_warmup likewise
     """
 
     endpoints: ClassVar[frozenset[str]] = frozenset()
@@ -153,15 +171,23 @@ class Task(ABC):
         """Load weights and tokenizer from ``self.model_dir`` onto ``self.device``."""
 
     @abstractmethod
-    def parse(self, endpoint: str, body: Any) -> Any:
-        """Validate a request body for ``endpoint`` and return a work item."""
+    def parse(self, endpoint: str, body: Any) -> ItemT:
+        """Validate a request body for ``endpoint`` and return a work item.
+
+        Raises:
+            InvalidRequest: (or a subclass) for anything wrong with the body; it becomes a 4xx naming the field.
+        """
 
     @abstractmethod
-    def run_batch(self, items: list[Any]) -> list[dict[str, Any]]:
-        """Answer a batch of work items, one response body each, in order."""
+    def run_batch(self, items: list[ItemT]) -> list[dict[str, Any]]:
+        """Answer a batch of work items, one OpenAI-shaped response body each, in order.
+
+        An exception fails the batch; the serving layer then runs its items one by one so only the
+        item at fault gets the error. Out-of-memory errors are classified (docs/gpu-memory.md).
+        """
 
     @abstractmethod
-    def warmup_items(self, texts: list[str]) -> list[Any]:
+    def warmup_items(self, texts: list[str]) -> list[ItemT]:
         """Work items built from the spec's warm-up texts."""
 
     @abstractmethod
@@ -169,7 +195,7 @@ class Task(ABC):
         """Tokens the model sees for ``text``, special tokens included."""
 
     @abstractmethod
-    def item_tokens(self, item: Any) -> int:
+    def item_tokens(self, item: ItemT) -> int:
         """The longest input of a work item, in tokens (warm-up shapes, memory envelope)."""
 
     @abstractmethod
@@ -188,13 +214,17 @@ class Task(ABC):
             text = " ".join(["warm"] * words)
         return text
 
-    def wants_stream(self, item: Any) -> bool:
+    def wants_stream(self, item: ItemT) -> bool:
         """Whether this work item is answered as a server-sent-event stream."""
         return False
 
-    def stream(self, item: Any, cancel: threading.Event) -> Iterator[dict[str, Any]]:
+    def stream(self, item: ItemT, cancel: threading.Event) -> Iterator[dict[str, Any]]:
         """Yield the response chunks of a streaming work item; stop soon after ``cancel`` is set."""
         raise NotImplementedError
+
+    #: A task with a scheduler of its own (one that batches per step) sets this: the replica then hands
+    #: it each request as it comes, from a thread of its own, instead of batching with ``@serve.batch``.
+    runs_concurrently: bool = False
 
     def set_observer(self, observer: Any) -> None:
         """Receive the replica's token-level metrics (a ``deployments._scheduler.StepObserver``); tasks that
