@@ -146,12 +146,13 @@ def summarise(rate, arrivals, results, wall_s, slo_s):
 def overload(port, model_dir, args, rate, seed):
     """Streams only, at ``rate``, against the scheduler with a KV budget that binds (``--overload-sequences``
     long sequences); 5 % ask for more tokens than the budget holds. Every answer must be 200, 413 or 429."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
 
     from deployments._scheduler import kv_bytes_per_token
 
     per_token = kv_bytes_per_token(AutoConfig.from_pretrained(model_dir), 4)
-    long_peak = 160 + args.long_tokens  # the long prompt is under 160 tokens
+    prompt_tokens = len(AutoTokenizer.from_pretrained(model_dir)(LONG_PROMPT + " Request 1000.")["input_ids"])
+    long_peak = prompt_tokens + args.long_tokens
     budget = args.overload_sequences * long_peak * per_token
     name = "gen-overload"
     deploy(name, model_dir, "iteration", args, kv_cache_bytes=budget)
