@@ -676,7 +676,12 @@ class TextGenerationTask(Task[CompletionItem]):
         return item.prompt_tokens
 
     def max_input_tokens_for_warmup(self) -> int:
-        return self.max_positions - WARMUP_NEW_TOKENS
+        longest = self.max_positions
+        sched = self.scheduler
+        if sched is not None and sched.kv_budget_bytes is not None and sched.kv_bytes_per_token:
+            # Longer than the KV budget holds is refused (413): warm-up covers the longest request that fits.
+            longest = min(longest, sched.kv_budget_bytes // sched.kv_bytes_per_token)
+        return max(1, longest - WARMUP_NEW_TOKENS)
 
     def describe(self) -> dict[str, Any]:
         facts = {**super().describe(), "context_tokens": self.max_positions, "chat_template": self.lm.has_chat_template}

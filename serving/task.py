@@ -207,10 +207,12 @@ class Task(ABC, Generic[ItemT]):
         words = max(1, n_tokens)
         text = " ".join(["warm"] * words)
         while words > 1:
-            over = self.count_tokens(text) - n_tokens
-            if over <= 0:
+            count = self.count_tokens(text)
+            if count <= n_tokens:
                 break
-            words = max(1, words - over)
+            # Shrink in proportion, by a word at least: a word may be several tokens (cutting one word per
+            # token over would overshoot to a single word).
+            words = max(1, min(words - 1, words * n_tokens // count))
             text = " ".join(["warm"] * words)
         return text
 

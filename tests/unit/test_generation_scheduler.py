@@ -433,3 +433,18 @@ def test_ooms_on_requests_no_larger_than_served_ones_are_the_devices_and_fail_it
             task.health()
     finally:
         task.scheduler.close()
+
+
+def test_warm_up_covers_the_longest_request_the_kv_budget_holds_not_the_context(tiny_lm_dir):
+    # A budget of 100 tokens on a 256-token model: warming up at the full context would be refused (413)
+    # and fail the replica's start.
+    task = make_task(tiny_lm_dir, "iteration", kv_cache_bytes=100 * 1024)
+    try:
+        assert task.scheduler.kv_bytes_per_token == 1024
+        assert task.max_input_tokens_for_warmup() == 96
+        item = task.warmup_items([task.synthetic_input(task.max_input_tokens_for_warmup())])[0]
+        assert 90 <= item.prompt_tokens <= 96
+        out = task.run_batch([item, item])  # the batch's second row waits for room in the budget
+        assert [o["usage"]["completion_tokens"] for o in out] == [4, 4]
+    finally:
+        task.scheduler.close()
