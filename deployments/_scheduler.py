@@ -36,7 +36,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol
 
-from serving.errors import ModelNotReady, Overloaded, RequestTooLargeForDevice
+from serving.errors import ModelNotReady, Overloaded, RequestTooLargeForDevice, is_oom
 
 logger = logging.getLogger("ray.serve")
 
@@ -46,7 +46,6 @@ __all__ = [
     "Sequence",
     "StepObserver",
     "cut_at_stop",
-    "is_oom",
     "kv_bytes_per_token",
     "safe_prefix_len",
     "supports",
@@ -149,13 +148,6 @@ class StepObserver(Protocol):
     def oom(self, cause: str) -> None:
         """An out-of-memory error: ``preempted`` (a batch, recomputed), ``too_large`` (one sequence, 413)
         or ``persistent`` (one sequence that should fit)."""
-
-
-def is_oom(exc: BaseException) -> bool:
-    """True for an out-of-memory error from torch (CUDA or CPU) or Python."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
 def kv_bytes_per_token(config: Any, element_bytes: int) -> int:

@@ -31,6 +31,7 @@ from deployments._scheduler import (
     supports,
 )
 from serving.errors import InvalidRequest
+from serving.gpu import free_cache_for, memory_budget_bytes
 
 logger = logging.getLogger("ray.serve")
 
@@ -392,7 +393,7 @@ class TextGenerationTask(Task[CompletionItem]):
                     self.spec.generation.max_running_sequences,
                     kv_bytes_per_token=kv_bytes_per_token(self.model.config, element),
                     kv_budget_bytes=self._kv_budget_bytes(),
-                    free_memory=self._free_memory,
+                    free_memory=free_cache_for(self.device),
                 )
 
     def _kv_budget_bytes(self) -> Optional[int]:
@@ -403,20 +404,9 @@ class TextGenerationTask(Task[CompletionItem]):
             return None
         import torch
 
-        free, total = torch.cuda.mem_get_info()
-        others = max(0, (total - free) - torch.cuda.memory_reserved())
-        left = self.spec.memory.high_water_ratio * total - others - torch.cuda.memory_allocated()
+        left = memory_budget_bytes("cuda", self.spec.memory.high_water_ratio) - torch.cuda.memory_allocated()
         # The rest is for activations (a prefill's logits and attention) and fragmentation.
         return max(0, int(0.8 * left))
-
-    def _free_memory(self) -> None:
-        import gc
-
-        gc.collect()
-        if self.device == "cuda":
-            import torch
-
-            torch.cuda.empty_cache()
 
     def health(self) -> None:
         super().health()

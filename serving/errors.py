@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 __all__ = [
+    "is_oom",
     "RequestExpired",
     "GpuserveError",
     "InvalidRequest",
@@ -179,3 +180,12 @@ def http_headers_for(exc: BaseException) -> dict[str, str]:
             "retry-after-ms": str(max(1, round(exc.retry_after_s * 1000))),
         }
     return {}
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for an out-of-memory error from torch (CUDA or CPU) or Python."""
+    if isinstance(exc, MemoryError):
+        return True
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()

@@ -11,6 +11,10 @@ from __future__ import annotations
 import os
 from typing import Optional, Protocol
 
+# The budget and cache freeing are public (tasks size their own caches with them); re-exported here for the
+# replica's code.
+from serving.gpu import free_cache_for, memory_budget_bytes  # noqa: F401
+
 
 class MemoryProbe(Protocol):
     """Measures the peak memory of whatever runs between ``reset_peak`` and ``peak_bytes``."""
@@ -91,57 +95,3 @@ def probe_for(device: str) -> MemoryProbe:
 
         return CudaAllocatorProbe(torch.cuda.current_device())
     return ProcessRssProbe()
-
-
-def _cgroup_limit_bytes() -> Optional[int]:
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            raw = open(path).read().strip()
-        except OSError:
-            continue
-        if raw.isdigit() and int(raw) < 1 << 60:
-            return int(raw)
-    return None
-
-
-def _mem_total_bytes() -> Optional[int]:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def memory_budget_bytes(device: str, high_water_ratio: float, memory_bytes: Optional[int] = None) -> Optional[float]:
-    """Bytes this replica's peak may reach: the high-water mark less what others hold.
-
-    On CUDA: ``high_water x total`` minus memory used on the device by anything but this process's
-    allocator. On the CPU: ``high_water x`` the replica's memory limit (``resources.memory_bytes``, else
-    the cgroup limit, else the machine's memory); the probe there measures the whole process.
-    """
-    if device == "cuda":
-        import torch
-
-        free, total = torch.cuda.mem_get_info()
-        others = max(0, (total - free) - torch.cuda.memory_reserved())
-        return high_water_ratio * total - others
-    limit = memory_bytes or _cgroup_limit_bytes() or _mem_total_bytes()
-    return None if limit is None else high_water_ratio * limit
-
-
-def free_cache_for(device: str):
-    """What frees cached memory after an out-of-memory error on ``device``."""
-    import gc
-
-    if device == "cuda":
-        import torch
-
-        def free() -> None:
-            gc.collect()
-            torch.cuda.empty_cache()
-
-        return free
-    return gc.collect

@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-from serving.errors import ModelNotReady, RequestTooLargeForDevice
+from serving.errors import ModelNotReady, RequestTooLargeForDevice, is_oom
 
 logger = logging.getLogger("ray.serve")
 
@@ -42,15 +42,6 @@ class Outcome:
         if self.error is not None:
             raise self.error
         return self.value
-
-
-def is_oom(exc: BaseException) -> bool:
-    """True for an out-of-memory error from torch (CUDA or CPU) or Python."""
-    if isinstance(exc, MemoryError):
-        return True
-    if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
 @dataclass(frozen=True)
