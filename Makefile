@@ -29,6 +29,10 @@ serve: install
 MULTINODE := tests/integration/multinode
 
 # With GPUSERVE_REQUIRE_PROMETHEUS the Prometheus tests fail instead of skipping when it is missing.
+# The KubeRay validation tests read the CRDs beside the clone (../shared) unless GPUSERVE_CRD_DIR says
+# otherwise; with CI set, their absence fails those tests (tests/conftest.py).
+GPUSERVE_CRD_DIR ?= $(abspath $(wildcard ../shared/kuberay-crds))
+export GPUSERVE_CRD_DIR
 TEST_ENV := HF_HUB_OFFLINE=1 GPUSERVE_REQUIRE_PROMETHEUS=1
 
 # The package layering (docs/architecture.md), as import-linter contracts in pyproject.toml.
