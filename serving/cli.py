@@ -44,7 +44,7 @@ def _cmd_prefetch(args: argparse.Namespace, passthrough: list[str]) -> int:
     from serving.weights import prefetch, verify_entry
 
     try:
-        entry = prefetch(args.model, args.cache_dir)
+        entry = prefetch(args.model, args.cache_dir, args.digest_dir)
         manifest = verify_entry(entry, "sha256")
     except (FileNotFoundError, OSError) as e:
         print(f"gpuserve prefetch: {e}", file=sys.stderr)
@@ -107,6 +107,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     pre.add_argument("model", help="model directory or package://NAME")
     pre.add_argument("--cache-dir", required=True, help="the cache directory (node-local disk or shared volume)")
+    pre.add_argument(
+        "--digest-dir",
+        help="record the entry's manifest digest here, outside the cache (replicas with "
+        "GPUSERVE_WEIGHT_DIGEST_DIR set refuse an entry that does not match it)",
+    )
     pre.set_defaults(func=_cmd_prefetch)
     st = sub.add_parser(
         "status",

@@ -30,6 +30,7 @@ __all__ = [
     "REPLICA_HEADER",
     "SERVICE_HEADER",
     "TIMEOUT_HEADER",
+    "WEIGHT_DIGEST_DIR_ENV",
     "exported_metric_names",
     "metric",
 ]
@@ -59,6 +60,11 @@ GATEWAY_LOST_CODE = "gateway_lost"
 # run``, the rendered pods, the test clusters) sets it, so a platform fault between the proxy and a
 # gateway is answered 503 with Retry-After, never 500.
 PROXY_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "serving._private.proxy_guard:middlewares"}
+
+# Directory (outside the weight cache) where `gpuserve prefetch --digest-dir` records each cache entry's
+# manifest digest; a replica with it set refuses an entry that does not match (serving.weights). The
+# rendered pods mount it read-only in the Ray container.
+WEIGHT_DIGEST_DIR_ENV = "GPUSERVE_WEIGHT_DIGEST_DIR"
 
 # Error codes a client must not retry whatever their HTTP status.
 NOT_RETRIED_CODES = frozenset({REPLICA_DIED_CODE, QUARANTINED_CODE})

@@ -10,6 +10,7 @@ See docs/tasks.md.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -142,9 +143,11 @@ class Task(ABC, Generic[ItemT]):
         self.spec = spec
         t0 = time.perf_counter()
         if spec.model.cache_dir:
+            from serving.protocol import WEIGHT_DIGEST_DIR_ENV
             from serving.weights import ensure_cached
 
-            self.model_dir = ensure_cached(spec.model.path, spec.model.cache_dir, spec.model.verify)
+            digests = os.environ.get(WEIGHT_DIGEST_DIR_ENV) or None
+            self.model_dir = ensure_cached(spec.model.path, spec.model.cache_dir, spec.model.verify, digests)
         else:
             self.model_dir = resolve_model_path(spec.model.path)
         self.device = pick_device(spec.model.device)

@@ -9,6 +9,14 @@ before a replica loads it and refills a corrupt one from the source.
 
 Sources are local directories (an image path, a mounted volume) and
 ``package://NAME``; gpuserve never downloads weights at run time.
+
+A manifest inside the cache only proves the entry is whole: whoever can write the
+cache can rewrite weights and manifest together. So ``prefetch`` also records the
+manifest's digest, computed from the *source*, in a digest directory outside the
+cache (``digest_dir``; on Kubernetes a volume the replica's container mounts
+read-only), and ``ensure_cached`` refuses an entry whose manifest does not hash to
+the recorded digest. An existing entry is re-checked against the source before it
+is reused, so a tampered shared cache is refilled, never trusted.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ __all__ = [
     "CacheCorrupt",
     "cache_key",
     "ensure_cached",
+    "manifest_digest",
     "prefetch",
     "resolve_model_path",
     "verify_entry",
@@ -86,6 +95,16 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def manifest_digest(files: dict[str, dict[str, Any]]) -> str:
+    """SHA-256 of a manifest's file table (path -> size and SHA-256), in a canonical form."""
+    table = {rel: {"size": int(m["size"]), "sha256": str(m["sha256"])} for rel, m in files.items()}
+    return hashlib.sha256(json.dumps(table, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _digest_file(digest_dir: Union[str, Path], entry: Path) -> Path:
+    return Path(digest_dir).expanduser() / f"{entry.name}.sha256"
+
+
 def _model_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.name != MANIFEST)
 
@@ -122,15 +141,54 @@ def verify_entry(entry: Union[str, Path], verify: Literal["sha256", "size"] = "s
     return manifest
 
 
-def prefetch(source: str, cache_dir: Union[str, Path]) -> Path:
-    """Copy ``source`` into the cache (if not already there and valid); return the entry path."""
+def _copy_hashed(src: Path, dst: Path) -> dict[str, Any]:
+    """Copy one file, hashing what was read from the source (one read, not a copy then a re-read)."""
+    h, size = hashlib.sha256(), 0
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while chunk := fin.read(_CHUNK):
+            h.update(chunk)
+            fout.write(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def _source_files(src: Path) -> dict[str, dict[str, Any]]:
+    return {f.relative_to(src).as_posix(): {"size": f.stat().st_size, "sha256": _sha256(f)} for f in _model_files(src)}
+
+
+def _record_digest(digest_dir: Union[str, Path, None], entry: Path, digest: str) -> None:
+    if digest_dir is None:
+        return
+    target = _digest_file(digest_dir, entry)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp.write_text(digest + "\n")
+    os.replace(tmp, target)
+
+
+def prefetch(source: str, cache_dir: Union[str, Path], digest_dir: Union[str, Path, None] = None) -> Path:
+    """Copy ``source`` into the cache (unless an entry equal to the source is there); return the entry path.
+
+    Args:
+        source: A model directory or ``package://NAME``.
+        cache_dir: The cache directory.
+        digest_dir: Where to record the manifest's digest, outside the cache (see the module docstring).
+
+    Raises:
+        FileNotFoundError: the source is not a model directory.
+    """
     src = resolve_model_path(source)
     cache = Path(cache_dir).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
     entry = cache / cache_key(source)
     if entry.is_dir():
         try:
-            verify_entry(entry, "sha256")
+            manifest = verify_entry(entry, "sha256")
+            # Whole is not enough: the entry must be the source's files (a writer of the cache could have
+            # replaced weights and manifest together).
+            if manifest_digest(manifest["files"]) != manifest_digest(_source_files(src)):
+                raise CacheCorrupt(f"{entry}: differs from its source {src}")
+            _record_digest(digest_dir, entry, manifest_digest(manifest["files"]))
             return entry
         except CacheCorrupt:
             _move_aside(entry)
@@ -141,8 +199,7 @@ def prefetch(source: str, cache_dir: Union[str, Path]) -> Path:
             rel = f.relative_to(src).as_posix()
             dst = tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, dst)
-            files[rel] = {"size": dst.stat().st_size, "sha256": _sha256(dst)}
+            files[rel] = _copy_hashed(f, dst)
         if "config.json" not in files:
             raise FileNotFoundError(f"{src}: no config.json; not a model directory")
         manifest = {"source": source, "resolved_source": str(src), "created_s": time.time(), "files": files}
@@ -151,9 +208,10 @@ def prefetch(source: str, cache_dir: Union[str, Path]) -> Path:
             os.replace(tmp, entry)
         except OSError:
             # Another process (another replica on this node) finished first: keep its entry.
-            verify_entry(entry, "size")
+            files = verify_entry(entry, "size")["files"]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _record_digest(digest_dir, entry, manifest_digest(files))
     return entry
 
 
@@ -163,22 +221,52 @@ def _move_aside(entry: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def _check_recorded(entry: Path, manifest: dict[str, Any], digest_dir: Union[str, Path]) -> None:
+    recorded = _digest_file(digest_dir, entry)
+    try:
+        want = recorded.read_text().strip()
+    except OSError:
+        raise CacheCorrupt(
+            f"{entry}: no digest recorded for it in {digest_dir} (outside the cache); "
+            f"`gpuserve prefetch SOURCE --cache-dir CACHE --digest-dir {digest_dir}` records it"
+        ) from None
+    if manifest_digest(manifest["files"]) != want:
+        raise CacheCorrupt(f"{entry}: its manifest does not match the digest recorded in {recorded}")
+
+
 def ensure_cached(
-    source: str, cache_dir: Union[str, Path], verify: Literal["sha256", "size"] = "sha256"
+    source: str,
+    cache_dir: Union[str, Path],
+    verify: Literal["sha256", "size"] = "sha256",
+    digest_dir: Union[str, Path, None] = None,
 ) -> Path:
     """The verified cache entry for ``source``, filling or refilling it from the source if needed.
 
+    Args:
+        source: A model directory or ``package://NAME``.
+        cache_dir: The cache directory.
+        verify: Check the files' SHA-256 against the manifest, or only their sizes.
+        digest_dir: Where ``prefetch`` recorded the manifest's digest; when given, an entry whose
+            manifest does not match it is refused (refilled where the cache is writable).
+
     Raises:
         FileNotFoundError: the entry is absent or corrupt and the source cannot be read.
+        CacheCorrupt: the entry is corrupt and cannot be refilled here (a read-only cache).
     """
     entry = Path(cache_dir).expanduser() / _entry_name(source, cache_dir)
     if entry.is_dir():
         try:
-            verify_entry(entry, verify)
+            manifest = verify_entry(entry, verify)
+            if digest_dir is not None:
+                _check_recorded(entry, manifest, digest_dir)
             return entry
-        except CacheCorrupt:
-            _move_aside(entry)
-    return prefetch(source, cache_dir)
+        except CacheCorrupt as e:
+            try:
+                _move_aside(entry)
+            except OSError:
+                # The replica's container mounts the cache read-only: never load it, say why.
+                raise CacheCorrupt(f"{e}; the cache is read-only here, so the model is not loaded") from None
+    return prefetch(source, cache_dir, digest_dir)
 
 
 def _entry_name(source: str, cache_dir: Union[str, Path]) -> str:
