@@ -17,16 +17,27 @@ from typing import Any, Optional
 import yaml
 
 from serving.pools import GPU_TAINT_KEY, NodePool, ServingSpec
-from serving.protocol import PROXY_ENV
+from serving.protocol import PROXY_ENV, WEIGHT_DIGEST_DIR_ENV
 from serving.spec import ModelDeployment
 
 SERVICE_LABEL = "gpuserve.io/service"
 ROLE_LABEL = "gpuserve.io/role"
 WEIGHTS_VOLUME = "gpuserve-weights"
+DIGESTS_VOLUME = "gpuserve-weight-digests"
+DIGESTS_PATH = "/var/run/gpuserve/weight-digests"
 METRICS_PORT = 8080
 SERVE_PORT = 8000
 # Ports that must never leave the cluster: GCS, dashboard (job and Serve REST API), Ray client.
 CONTROL_PORTS = {"gcs": 6379, "dashboard": 8265, "client": 10001}
+
+
+WEIGHT_CACHE_FORMS = ("ephemeral", "pvc:NAME", "hostPath:/PATH")
+# What a pod keeps of its grace period after the drain: Ray's own stop and the process exits.
+DRAIN_MARGIN_S = 30
+# KubeRay's operator pods (its Helm chart's label); only they reach the dashboard from outside.
+OPERATOR_POD_LABELS = {"app.kubernetes.io/name": "kuberay-operator"}
+# Every pod KubeRay creates carries this label; with the service label it selects this RayService's pods.
+KUBERAY_POD_LABELS = {"app.kubernetes.io/created-by": "kuberay-operator"}
 
 
 @dataclass(frozen=True)
@@ -44,8 +55,19 @@ class RenderOptions:
         monitoring_namespace: Namespace of Prometheus, which scrapes the metrics port.
         head_cpus: CPU cores for the head pod (it runs no user work).
         head_memory_bytes: Memory for the head pod.
-        termination_grace_period_s: Time a worker pod gets to drain its requests when removed.
+        head_termination_grace_period_s: Time the head pod gets to stop when removed.
         rule_labels: Labels the Prometheus operator selects PrometheusRules and PodMonitors by.
+        gcs_ft_redis: ``HOST:PORT`` of a Redis that keeps the GCS state (GCS fault tolerance), or None.
+        gcs_ft_redis_secret: Secret with that Redis's password (key ``password``), or None for none.
+        gateway_class: Gateway API class for KubeRay's incremental upgrade; None: side-by-side upgrades.
+        upgrade_max_surge_percent: Incremental upgrade: most extra capacity, in percent, during the upgrade.
+        upgrade_step_size_percent: Incremental upgrade: traffic moved to the new cluster per step, in percent.
+        upgrade_interval_s: Incremental upgrade: seconds between steps.
+        weight_cache: Volume of the weight cache: ``ephemeral`` (a volume per pod, the default),
+            ``pvc:NAME`` (an existing claim) or ``hostPath:/PATH`` (only when asked for: Pod Security
+            "baseline" forbids it, and every pod on the node shares it).
+        weight_cache_size_bytes: Size of the ephemeral weight-cache volume.
+        weight_cache_storage_class: Storage class of the ephemeral volume (None: the cluster's default).
     """
 
     import_path: str
@@ -58,8 +80,44 @@ class RenderOptions:
     monitoring_namespace: str = "monitoring"
     head_cpus: float = 2.0
     head_memory_bytes: int = 8 << 30
-    termination_grace_period_s: int = 90
+    head_termination_grace_period_s: int = 60
     rule_labels: dict[str, str] = field(default_factory=lambda: {"release": "prometheus"})
+    gcs_ft_redis: Optional[str] = None
+    gcs_ft_redis_secret: Optional[str] = None
+    gateway_class: Optional[str] = None
+    upgrade_max_surge_percent: int = 25
+    upgrade_step_size_percent: int = 25
+    upgrade_interval_s: int = 60
+    weight_cache: str = "ephemeral"
+    weight_cache_size_bytes: int = 100 << 30
+    weight_cache_storage_class: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.gcs_ft_redis is not None:
+            host, _, port = self.gcs_ft_redis.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(
+                    f"gcs_ft_redis {self.gcs_ft_redis!r}: expected HOST:PORT with a port 1-65535; "
+                    "e.g. redis.ray-system.svc.cluster.local:6379"
+                )
+        elif self.gcs_ft_redis_secret is not None:
+            raise ValueError("gcs_ft_redis_secret is set but gcs_ft_redis is not; give the Redis address too")
+        for name in ("upgrade_max_surge_percent", "upgrade_step_size_percent"):
+            v = getattr(self, name)
+            if not 0 < v <= 100:
+                raise ValueError(f"{name} {v}: must be 1-100 (percent)")
+        if self.upgrade_step_size_percent > self.upgrade_max_surge_percent:
+            raise ValueError(
+                f"upgrade_step_size_percent {self.upgrade_step_size_percent} exceeds upgrade_max_surge_percent "
+                f"{self.upgrade_max_surge_percent}; KubeRay moves at most the surge per step: lower the step"
+            )
+        if self.upgrade_interval_s <= 0:
+            raise ValueError(f"upgrade_interval_s {self.upgrade_interval_s}: must be > 0")
+        kind, _, arg = self.weight_cache.partition(":")
+        if not (kind == "ephemeral" and not arg) and not (kind in ("pvc", "hostPath") and arg):
+            raise ValueError(f"weight_cache {self.weight_cache!r}: use one of {', '.join(WEIGHT_CACHE_FORMS)}")
+        if kind == "hostPath" and not arg.startswith("/"):
+            raise ValueError(f"weight_cache {self.weight_cache!r}: a hostPath must be absolute, e.g. hostPath:/var/lib/gpuserve")
 
 
 def _quantity_cpu(cores: float) -> str:
@@ -123,32 +181,54 @@ def worker_bounds(spec: ServingSpec, pool: NodePool) -> tuple[int, int]:
     return min(lo, hi), hi
 
 
-def _prefetch(spec: ServingSpec, pool: NodePool, opts: RenderOptions) -> tuple[list[dict], list[dict], list[dict]]:
-    """Init containers, volumes and mounts that fill the node's weight cache before Ray starts."""
+def _weight_cache_volume(name: str, opts: RenderOptions) -> dict[str, Any]:
+    kind, _, arg = opts.weight_cache.partition(":")
+    if kind == "pvc":
+        return {"name": name, "persistentVolumeClaim": {"claimName": arg}}
+    if kind == "hostPath":
+        # Asked for explicitly: a node-level cache every pod on the node shares.
+        return {"name": name, "hostPath": {"path": arg, "type": "DirectoryOrCreate"}}
+    claim: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": _quantity_bytes(opts.weight_cache_size_bytes)}},
+    }
+    if opts.weight_cache_storage_class:
+        claim["storageClassName"] = opts.weight_cache_storage_class
+    # A volume of the pod's own, created and deleted with it: nothing else can write it.
+    return {"name": name, "ephemeral": {"volumeClaimTemplate": {"spec": claim}}}
+
+
+def _prefetch(spec: ServingSpec, pool: NodePool, opts: RenderOptions) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+    """Init containers, volumes, the Ray container's mounts and env that fill the weight cache before Ray
+    starts. The init containers write the cache and the digests; the Ray container (which runs model code)
+    mounts both read-only, and refuses an entry whose manifest does not match its recorded digest."""
     cached = [d for d in _deployments_on(spec, pool) if d.model.cache_dir]
     if not cached:
-        return [], [], []
+        return [], [], [], []
     dirs = sorted({d.model.cache_dir for d in cached})
-    volumes, mounts = [], []
+    volumes, init_mounts, mounts = [], [], []
     for i, path in enumerate(dirs):
         name = WEIGHTS_VOLUME if i == 0 else f"{WEIGHTS_VOLUME}-{i}"
-        # A node-level cache: a replica restarted on the same node finds its weights verified and local.
-        volumes.append({"name": name, "hostPath": {"path": "/var/lib/gpuserve/weights", "type": "DirectoryOrCreate"}})
-        mounts.append({"name": name, "mountPath": path})
+        volumes.append(_weight_cache_volume(name, opts))
+        init_mounts.append({"name": name, "mountPath": path})
+        mounts.append({"name": name, "mountPath": path, "readOnly": True})
+    volumes.append({"name": DIGESTS_VOLUME, "emptyDir": {"sizeLimit": "1Mi"}})
+    init_mounts.append({"name": DIGESTS_VOLUME, "mountPath": DIGESTS_PATH})
+    mounts.append({"name": DIGESTS_VOLUME, "mountPath": DIGESTS_PATH, "readOnly": True})
     inits = []
     for d in cached:
         inits.append(
             {
                 "name": f"prefetch-{d.name}",
                 "image": opts.image,
-                "command": ["gpuserve", "prefetch", d.model.path, "--cache-dir", d.model.cache_dir],
+                "command": ["gpuserve", "prefetch", d.model.path, "--cache-dir", d.model.cache_dir, "--digest-dir", DIGESTS_PATH],
                 "env": [{"name": "HF_HUB_OFFLINE", "value": "1"}],
                 "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "1", "memory": "2Gi"}},
                 "securityContext": {**_security_context(), "readOnlyRootFilesystem": True},
-                "volumeMounts": list(mounts),
+                "volumeMounts": list(init_mounts),
             }
         )
-    return inits, volumes, mounts
+    return inits, volumes, mounts, [{"name": WEIGHT_DIGEST_DIR_ENV, "value": DIGESTS_PATH}]
 
 
 def _api_key_wiring(deps: list[ModelDeployment], opts: RenderOptions) -> tuple[list[dict], list[dict], list[dict]]:
@@ -198,16 +278,29 @@ def _checking_keys_on(spec: ServingSpec, pool: Optional[NodePool]) -> list[Model
     return here + [d for d in spec.deployments if gateways_here and d.queue.gateway and d not in here]
 
 
+def drain_timeout_s(spec: ServingSpec, pool: NodePool) -> int:
+    """How long a pool's node drains before its pod stops: the longest ``queue.drain_timeout_s`` of the
+    replicas and gateways it can hold (a replica being moved finishes its requests for that long)."""
+    gw = spec.gateway_pool()
+    here = _deployments_on(spec, pool) + [
+        d for d in spec.deployments if d.queue.gateway and gw is not None and gw.name == pool.name
+    ]
+    return math.ceil(max([60.0, *(d.queue.drain_timeout_s for d in here)]))
+
+
 def _worker_group(spec: ServingSpec, pool: NodePool, opts: RenderOptions) -> dict[str, Any]:
-    inits, w_volumes, w_mounts = _prefetch(spec, pool, opts)
+    inits, w_volumes, w_mounts, w_env = _prefetch(spec, pool, opts)
     env, k_volumes, k_mounts = _api_key_wiring(_checking_keys_on(spec, pool), opts)
     lo, hi = worker_bounds(spec, pool)
+    drain_s = drain_timeout_s(spec, pool)
+    worker = _container("ray-worker", opts, pool.cpus_per_node, pool.memory_bytes_per_node, pool.gpus_per_node, w_mounts + k_mounts, w_env + env)
+    # Before SIGTERM stops Ray: drain the node (Serve starts replacements elsewhere, then stops these
+    # replicas gracefully) and wait for its replicas to leave, within the grace period.
+    worker["lifecycle"] = {"preStop": {"exec": {"command": ["gpuserve", "drain", "--timeout-s", str(drain_s)]}}}
     pod: dict[str, Any] = {
         "securityContext": _pod_security(),
-        "terminationGracePeriodSeconds": opts.termination_grace_period_s,
-        "containers": [
-            _container("ray-worker", opts, pool.cpus_per_node, pool.memory_bytes_per_node, pool.gpus_per_node, w_mounts + k_mounts, env)
-        ],
+        "terminationGracePeriodSeconds": drain_s + DRAIN_MARGIN_S,
+        "containers": [worker],
         "volumes": [
             # Ray's object store lives in shared memory: 30 % of the node's memory, as Ray sizes it.
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": _quantity_bytes(int(pool.memory_bytes_per_node * 0.3) >> 20 << 20)}},
@@ -276,8 +369,111 @@ def _idle_timeout_s(spec: ServingSpec) -> int:
     return int(max([60.0, *delays]))
 
 
+def keeps_a_node(spec: ServingSpec) -> bool:
+    """Whether some worker group always has a node, whose Serve proxy can receive requests."""
+    return any(worker_bounds(spec, p)[0] >= 1 for p in spec.pools)
+
+
+def _upgrade_strategy(opts: RenderOptions) -> dict[str, Any]:
+    if opts.gateway_class is None:
+        # A whole new cluster beside the old one; `gpuserve validate` says whether the pools hold both.
+        return {"type": "NewCluster"}
+    return {
+        "type": "NewClusterWithIncrementalUpgrade",
+        "clusterUpgradeOptions": {
+            "gatewayClassName": opts.gateway_class,
+            "maxSurgePercent": opts.upgrade_max_surge_percent,
+            "stepSizePercent": opts.upgrade_step_size_percent,
+            "intervalSeconds": opts.upgrade_interval_s,
+        },
+    }
+
+
+def _gcs_fault_tolerance(opts: RenderOptions) -> Optional[dict[str, Any]]:
+    if opts.gcs_ft_redis is None:
+        return None
+    ft: dict[str, Any] = {"redisAddress": opts.gcs_ft_redis}
+    if opts.gcs_ft_redis_secret:
+        ft["redisPassword"] = {"valueFrom": {"secretKeyRef": {"name": opts.gcs_ft_redis_secret, "key": "password"}}}
+    return ft
+
+
+def _pod_disruption_budgets(spec: ServingSpec, opts: RenderOptions) -> list[dict[str, Any]]:
+    """One for the head and one per GPU group: voluntary evictions (node drains, upgrades of the node pool)
+    take one pod at a time, and the head only where losing it is survivable."""
+
+    def pdb(name: str, role: str, max_unavailable: int) -> dict[str, Any]:
+        return {
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": _meta(name, spec.name, opts),
+            "spec": {
+                "maxUnavailable": max_unavailable,
+                "selector": {"matchLabels": {SERVICE_LABEL: spec.name, ROLE_LABEL: role}},
+                # A pod that is not ready serves nothing: never let it block a drain.
+                "unhealthyPodEvictionPolicy": "AlwaysAllow",
+            },
+        }
+
+    # Without GCS fault tolerance an evicted head is a full outage (every replica reloads): no voluntary
+    # eviction; with it, the workers keep serving while the head restarts.
+    out = [pdb(f"{spec.name}-head", "head", 1 if opts.gcs_ft_redis else 0)]
+    out += [pdb(f"{spec.name}-{p.name}", f"worker-{p.name}", 1) for p in spec.pools if p.is_gpu]
+    return out
+
+
+def _network_policies(spec: ServingSpec, opts: RenderOptions) -> list[dict[str, Any]]:
+    """Ray's pods talk to each other on any port; from outside, the Serve port is open to anyone, the
+    dashboard (Serve and Jobs API) to the KubeRay operator's pods only, metrics to Prometheus; GCS and every
+    other Ray port to nobody. Egress: each other, DNS, and for the head the API server (its autoscaler)
+    and the GCS fault-tolerance Redis."""
+    ray_pods = {"matchLabels": {SERVICE_LABEL: spec.name, **KUBERAY_POD_LABELS}}
+    head = {"matchLabels": {SERVICE_LABEL: spec.name, ROLE_LABEL: "head", **KUBERAY_POD_LABELS}}
+
+    def namespace(name: str) -> dict[str, Any]:
+        return {"matchLabels": {"kubernetes.io/metadata.name": name}}
+
+    def tcp(*ports: int) -> list[dict[str, Any]]:
+        return [{"protocol": "TCP", "port": p} for p in ports]
+
+    pods = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(f"{spec.name}-ray", spec.name, opts),
+        "spec": {
+            "podSelector": ray_pods,
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [
+                {"from": [{"podSelector": ray_pods}]},
+                {
+                    "from": [{"namespaceSelector": namespace(opts.operator_namespace), "podSelector": {"matchLabels": dict(OPERATOR_POD_LABELS)}}],
+                    "ports": tcp(CONTROL_PORTS["dashboard"]),
+                },
+                {"from": [{"namespaceSelector": namespace(opts.monitoring_namespace)}], "ports": tcp(METRICS_PORT)},
+                # Inference traffic from anywhere the cluster routes it (Ingress, Gateway, other pods).
+                {"ports": tcp(SERVE_PORT)},
+            ],
+            "egress": [
+                {"to": [{"podSelector": ray_pods}]},
+                {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+            ],
+        },
+    }
+    head_egress: list[dict[str, Any]] = [{"ports": tcp(443, 6443)}]
+    if opts.gcs_ft_redis:
+        head_egress.append({"ports": tcp(int(opts.gcs_ft_redis.rpartition(":")[2]))})
+    head_policy = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(f"{spec.name}-ray-head", spec.name, opts),
+        "spec": {"podSelector": head, "policyTypes": ["Egress"], "egress": head_egress},
+    }
+    return [pods, head_policy]
+
+
 def render(spec: ServingSpec, opts: RenderOptions) -> list[dict[str, Any]]:
-    """The documents, in apply order: RayService, NetworkPolicy, PodMonitor, PrometheusRule."""
+    """The documents, in apply order: RayService, NetworkPolicies, PodDisruptionBudgets, PodMonitor,
+    PrometheusRule."""
     from serving.monitoring import ALERTS, asset_path
 
     # Without a CPU pool that keeps a node, the admission gateways run on the head (no CPUs reserved,
@@ -285,6 +481,7 @@ def render(spec: ServingSpec, opts: RenderOptions) -> list[dict[str, Any]]:
     h_env, h_volumes, h_mounts = _api_key_wiring(_checking_keys_on(spec, None), opts)
     head_pod = {
         "securityContext": _pod_security(),
+        "terminationGracePeriodSeconds": opts.head_termination_grace_period_s,
         "containers": [
             {
                 **_container("ray-head", opts, opts.head_cpus, opts.head_memory_bytes, 0, h_mounts, h_env),
@@ -299,59 +496,43 @@ def render(spec: ServingSpec, opts: RenderOptions) -> list[dict[str, Any]]:
         ],
         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}, *h_volumes],
     }
+    cluster: dict[str, Any] = {
+        "rayVersion": opts.ray_version,
+        "enableInTreeAutoscaling": True,
+        "autoscalerOptions": {
+            "version": "v2",
+            "upscalingMode": "Default",
+            "idleTimeoutSeconds": _idle_timeout_s(spec),
+        },
+        "authOptions": {"mode": "token", "secretName": opts.auth_secret},
+        "headGroupSpec": {
+            "serviceType": "ClusterIP",
+            # No model work on the head: no CPUs for tasks or replicas, no GPUs (the gateways
+            # reserve none).
+            "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0", "metrics-export-port": str(METRICS_PORT)},
+            "template": {"metadata": {"labels": {SERVICE_LABEL: spec.name, ROLE_LABEL: "head"}}, "spec": head_pod},
+        },
+        "workerGroupSpecs": [_worker_group(spec, p, opts) for p in spec.pools],
+    }
+    ft = _gcs_fault_tolerance(opts)
+    if ft is not None:
+        cluster["gcsFaultToleranceOptions"] = ft
     ray_service = {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
         "metadata": _meta(spec.name, spec.name, opts),
         "spec": {
             "serveConfigV2": yaml.safe_dump(serve_config(spec, opts), sort_keys=False),
-            # Traffic enters at the workers' proxies; the head runs the control plane and the gateways.
-            "excludeHeadPodFromServeSvc": True,
-            "rayClusterConfig": {
-                "rayVersion": opts.ray_version,
-                "enableInTreeAutoscaling": True,
-                "autoscalerOptions": {
-                    "version": "v2",
-                    "upscalingMode": "Default",
-                    "idleTimeoutSeconds": _idle_timeout_s(spec),
-                },
-                "authOptions": {"mode": "token", "secretName": opts.auth_secret},
-                "headGroupSpec": {
-                    "serviceType": "ClusterIP",
-                    # No model work on the head: no CPUs for tasks or replicas, no GPUs (the gateways
-                    # reserve none).
-                    "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0", "metrics-export-port": str(METRICS_PORT)},
-                    "template": {"metadata": {"labels": {SERVICE_LABEL: spec.name, ROLE_LABEL: "head"}}, "spec": head_pod},
-                },
-                "workerGroupSpecs": [_worker_group(spec, p, opts) for p in spec.pools],
-            },
+            "upgradeStrategy": _upgrade_strategy(opts),
+            # Traffic enters at the workers' proxies while some group keeps a node. When every group can
+            # reach zero nodes (a deployment scaling from zero), the head's proxy stays in the Serve
+            # service: otherwise it has no endpoints, and the request that should wake the deployment
+            # never arrives.
+            "excludeHeadPodFromServeSvc": keeps_a_node(spec),
+            "rayClusterConfig": cluster,
         },
     }
     pods = {"matchLabels": {SERVICE_LABEL: spec.name}}
-    network_policy = {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": _meta(f"{spec.name}-ray", spec.name, opts),
-        "spec": {
-            "podSelector": pods,
-            "policyTypes": ["Ingress"],
-            "ingress": [
-                # Ray's own pods talk to each other on any port (GCS, raylets, object transfer, workers).
-                {"from": [{"podSelector": pods}]},
-                # The operator drives the dashboard's Serve API; Prometheus scrapes the metrics port.
-                {
-                    "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": opts.operator_namespace}}}],
-                    "ports": [{"protocol": "TCP", "port": CONTROL_PORTS["dashboard"]}],
-                },
-                {
-                    "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": opts.monitoring_namespace}}}],
-                    "ports": [{"protocol": "TCP", "port": METRICS_PORT}],
-                },
-                # Inference traffic from anywhere the cluster routes it (Ingress, Gateway, other pods).
-                {"ports": [{"protocol": "TCP", "port": SERVE_PORT}]},
-            ],
-        },
-    }
     pod_monitor = {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PodMonitor",
@@ -365,7 +546,7 @@ def render(spec: ServingSpec, opts: RenderOptions) -> list[dict[str, Any]]:
         "metadata": _meta(f"{spec.name}-gpuserve", spec.name, opts, opts.rule_labels),
         "spec": {"groups": rules["groups"]},
     }
-    return [ray_service, network_policy, pod_monitor, prometheus_rule]
+    return [ray_service, *_network_policies(spec, opts), *_pod_disruption_budgets(spec, opts), pod_monitor, prometheus_rule]
 
 
 class _Dumper(yaml.SafeDumper):
@@ -386,4 +567,4 @@ def to_yaml(docs: list[dict[str, Any]]) -> str:
     return "---\n".join(yaml.dump(d, Dumper=_Dumper, sort_keys=False, width=120) for d in docs)
 
 
-__all__ = ["RenderOptions", "render", "serve_config", "to_yaml", "worker_bounds"]
+__all__ = ["RenderOptions", "drain_timeout_s", "keeps_a_node", "render", "serve_config", "to_yaml", "worker_bounds"]

@@ -9,13 +9,18 @@ Three layers, each finding naming the document, the path, the rule and the fix:
    and RayService rules, with the v1.7.0 feature-gate defaults; rule ids as there (M3, C9, S4, ...).
 3. **Kubernetes and gpuserve rules**: every pod template and core object against Kubernetes' own schemas
    (``kubernetes-validate``); GPU groups tolerate the GPU taint; extended resources have requests equal to
-   limits; the head has no GPUs; the dashboard, GCS and Ray client are never exposed outside the cluster.
+   limits; the head has no GPUs; the dashboard, GCS and Ray client are never exposed outside the cluster;
+   Ray's token auth is on; a deployment that can scale to zero still has a Serve endpoint to wake it; a
+   side-by-side or incremental upgrade fits the GPU pools' ``max_nodes``. Warnings (the manifest works,
+   but is exposed or fragile): no NetworkPolicy for the RayService, a hostPath volume, GPU workers
+   without a draining preStop hook, an upgrade that fits only while the old cluster is small.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +28,7 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
-__all__ = ["Finding", "load_crd_schemas", "validate_documents", "validate_file"]
+__all__ = ["Finding", "UpgradeFit", "load_crd_schemas", "upgrade_fits", "validate_documents", "validate_file"]
 
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -32,20 +37,32 @@ LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 CONTROL_PORTS = {6379: "GCS", 8265: "dashboard", 10001: "Ray client"}
 GPU = "nvidia.com/gpu"
 MANAGED_BY = ("ray.io/kuberay-operator", "kueue.x-k8s.io/multikueue")
+# The labels KubeRay puts on every pod it creates, besides the template's own.
+KUBERAY_POD_LABELS = {"app.kubernetes.io/created-by": "kuberay-operator", "app.kubernetes.io/name": "kuberay"}
+# The Ray node label gpuserve's render gives each pool's group: the pool's max_nodes (serving.pools).
+POOL_MAX_NODES_LABEL = "gpuserve.io/pool-max-nodes"
+# A worker group without maxReplicas gets the CRD default.
+UNBOUNDED = 2147483647
 
 
 @dataclass(frozen=True)
 class Finding:
-    """One problem: where (document, path), which rule, what, and how to fix it."""
+    """One problem: where (document, path), which rule, what, and how to fix it.
+
+    ``severity`` is ``error`` (the manifest is rejected or does not work) or ``warning`` (it works, but is
+    exposed or fragile); ``gpuserve validate`` fails on errors only.
+    """
 
     document: str
     path: str
     rule: str
     message: str
     fix: str
+    severity: str = "error"
 
     def __str__(self) -> str:
-        return f"{self.document}: {self.path}: [{self.rule}] {self.message}; fix: {self.fix}"
+        prefix = "warning: " if self.severity == "warning" else ""
+        return f"{prefix}{self.document}: {self.path}: [{self.rule}] {self.message}; fix: {self.fix}"
 
 
 # -- CRD schemas --------------------------------------------------------------------------------------
@@ -484,6 +501,167 @@ def service_rules(doc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return out
 
 
+@dataclass(frozen=True)
+class UpgradeFit:
+    """What a RayService's upgrade strategy needs of one GPU worker group's pool.
+
+    Attributes:
+        group: The worker group (one gpuserve pool).
+        strategy: ``NewCluster`` (side by side: a whole new cluster beside the old one) or
+            ``NewClusterWithIncrementalUpgrade`` (the new cluster grows by at most the surge at a time).
+        max_nodes: The most nodes the pool can ever have (its ``gpuserve.io/pool-max-nodes`` label).
+        gpus_per_node: GPUs per node of the group.
+        old_nodes: (fewest, most) nodes the old cluster's group runs (its min and max replicas).
+        nodes_at_least: Nodes both clusters need during the upgrade with the old one at its fewest.
+        nodes_at_most: The same with the old one at its most.
+    """
+
+    group: str
+    strategy: str
+    max_nodes: int
+    gpus_per_node: int
+    old_nodes: tuple[int, int]
+    nodes_at_least: int
+    nodes_at_most: int
+
+    @property
+    def fits_always(self) -> bool:
+        return self.nodes_at_most <= self.max_nodes
+
+    @property
+    def fits_ever(self) -> bool:
+        return self.nodes_at_least <= self.max_nodes
+
+    def __str__(self) -> str:
+        verdict = "fits" if self.fits_always else ("fits only while the old cluster is small" if self.fits_ever else "never fits")
+        return (
+            f"upgrade {self.strategy}: pool {self.group} needs {self.nodes_at_least}-{self.nodes_at_most} nodes "
+            f"({self.nodes_at_least * self.gpus_per_node}-{self.nodes_at_most * self.gpus_per_node} GPUs), "
+            f"max_nodes {self.max_nodes}: {verdict}"
+        )
+
+
+def upgrade_fits(doc: dict[str, Any]) -> list[tuple[int, UpgradeFit]]:
+    """(group index, fit) for each GPU worker group of a RayService whose pool bound is known (the render's
+    ``gpuserve.io/pool-max-nodes`` label); none for ``upgradeStrategy.type: None`` (no new cluster)."""
+    spec = doc.get("spec") or {}
+    us = spec.get("upgradeStrategy") or {}
+    # Unset behaves like NewCluster (KubeRay's default, zero-downtime).
+    strategy = us.get("type") or "NewCluster"
+    if strategy not in ("NewCluster", "NewClusterWithIncrementalUpgrade"):
+        return []
+    surge = (us.get("clusterUpgradeOptions") or {}).get("maxSurgePercent", 100)
+    out = []
+    for i, g in enumerate(((spec.get("rayClusterConfig") or {}).get("workerGroupSpecs")) or []):
+        if not isinstance(g, dict):
+            continue
+        containers = ((g.get("template") or {}).get("spec") or {}).get("containers") or []
+        gpus = sum(max(_gpu_count(c, "limits"), _gpu_count(c, "requests")) for c in containers if isinstance(c, dict))
+        try:
+            pool_max = int((g.get("labels") or {})[POOL_MAX_NODES_LABEL])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if not gpus:
+            continue
+        lo = g.get("minReplicas") if isinstance(g.get("minReplicas"), int) else 0
+        hi = g.get("maxReplicas") if isinstance(g.get("maxReplicas"), int) else UNBOUNDED
+        hi = max(lo, min(hi, pool_max))
+        if strategy == "NewCluster":
+            # The new cluster must bring its deployments' fewest replicas up before traffic moves.
+            least, most = lo + lo, hi + lo
+        else:
+            # The new cluster grows by at most maxSurgePercent of the capacity at a time.
+            extra = lambda n: math.ceil(n * (surge if isinstance(surge, int) else 100) / 100)  # noqa: E731
+            least, most = lo + extra(lo), hi + extra(hi)
+        out.append((i, UpgradeFit(str(g.get("groupName")), strategy, pool_max, gpus, (lo, hi), least, most)))
+    return out
+
+
+def _can_reach_zero(cfg: Any) -> list[str]:
+    """The deployments of a parsed Serve config that may run no replica."""
+    out = []
+    for app in (cfg or {}).get("applications") or []:
+        for d in (app or {}).get("deployments") or []:
+            auto = d.get("autoscaling_config") or {}
+            if auto.get("min_replicas") == 0 or d.get("num_replicas") == 0 or (auto and "min_replicas" not in auto and "num_replicas" not in d):
+                out.append(f"{app.get('name')}/{d.get('name')}")
+    return out
+
+
+def gpuserve_rules(doc: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """gpuserve's own rules on a RayService: (path, rule, message, fix, severity)."""
+    out: list[tuple[str, str, str, str, str]] = []
+    spec = doc.get("spec") or {}
+    c, base = spec.get("rayClusterConfig") or {}, "spec.rayClusterConfig"
+    if (c.get("authOptions") or {}).get("mode") != "token":
+        out.append((f"{base}.authOptions", "gpuserve/auth", "Ray's token auth is off: anyone who reaches the dashboard, GCS or Jobs API controls the cluster", "set authOptions: {mode: token, secretName: <Secret with auth_token>} (gpuserve render does)", "error"))
+    try:
+        cfg = yaml.safe_load(spec.get("serveConfigV2") or "") or {}
+    except yaml.YAMLError:
+        cfg = {}
+    cfg = cfg if isinstance(cfg, dict) else {}
+    groups = [g for g in c.get("workerGroupSpecs") or [] if isinstance(g, dict)]
+    keeps_node = any(isinstance(g.get("minReplicas"), int) and g["minReplicas"] >= 1 for g in groups)
+    head_out = spec.get("excludeHeadPodFromServeSvc") is True
+    zero = _can_reach_zero(cfg)
+    if head_out and cfg.get("proxy_location") in ("HeadOnly", "Disabled"):
+        out.append(("spec.excludeHeadPodFromServeSvc", "gpuserve/serve-endpoint", f"the head is excluded from the Serve service but proxy_location is {cfg['proxy_location']}: the service has no proxy behind it", "use proxy_location: EveryNode, or keep the head in the Serve service", "error"))
+    elif head_out and zero and not keeps_node:
+        out.append(("spec.excludeHeadPodFromServeSvc", "gpuserve/serve-endpoint", f"{', '.join(zero)} can scale to zero replicas, every worker group to zero nodes, and the head is excluded from the Serve service: with the nodes gone the service has no endpoint, so the request that should wake the deployment never arrives", "set excludeHeadPodFromServeSvc: false, or give a CPU worker group minReplicas >= 1 (gpuserve render does one of them)", "error"))
+    for i, fit in upgrade_fits(doc):
+        path = f"{base}.workerGroupSpecs[{i}]"
+        if not fit.fits_ever:
+            out.append((path, "gpuserve/upgrade-fit", f"a {fit.strategy} upgrade of pool {fit.group} needs at least {fit.nodes_at_least} nodes ({fit.nodes_at_least * fit.gpus_per_node} GPUs), old and new cluster together, but the pool can have only {fit.max_nodes}: every upgrade stalls waiting for GPUs", "raise the pool's max_nodes, lower the deployments' min_replicas, or use the incremental upgrade (gpuserve render --gateway-class) with a smaller maxSurgePercent", "error"))
+        elif not fit.fits_always:
+            out.append((path, "gpuserve/upgrade-fit", f"a {fit.strategy} upgrade of pool {fit.group} needs {fit.nodes_at_least}-{fit.nodes_at_most} nodes ({fit.nodes_at_least * fit.gpus_per_node}-{fit.nodes_at_most * fit.gpus_per_node} GPUs), old and new cluster together, and the pool can have {fit.max_nodes}: with the old cluster near its {fit.old_nodes[1]} nodes the upgrade waits for GPUs until it shrinks", "upgrade at a quiet time, raise the pool's max_nodes, or lower maxSurgePercent", "warning"))
+    for role, path, t in _pod_templates("RayService", doc):
+        pod = t.get("spec") or {}
+        for j, v in enumerate(pod.get("volumes") or []):
+            if isinstance(v, dict) and "hostPath" in v:
+                out.append((f"{path}.spec.volumes[{j}]", "gpuserve/host-path", f"volume {v.get('name')!r} is a hostPath: every pod on the node can write it, and Pod Security 'baseline' forbids it", "use an ephemeral volume or a PersistentVolumeClaim (gpuserve render --weight-cache)", "warning"))
+        if role != "head":
+            for j, ct in enumerate(pod.get("containers") or []):
+                if isinstance(ct, dict) and max(_gpu_count(ct, "limits"), _gpu_count(ct, "requests")) and not ((ct.get("lifecycle") or {}).get("preStop")):
+                    out.append((f"{path}.spec.containers[{j}].lifecycle", "gpuserve/drain", f"GPU worker group {role} has no preStop hook: SIGTERM stops Ray at once and the requests running there are lost", "add a preStop hook that drains the node (gpuserve drain --timeout-s N) and a terminationGracePeriodSeconds above N", "warning"))
+    return out
+
+
+def _selects(selector: Any, labels: dict[str, Any]) -> bool:
+    """Whether a Kubernetes label selector (matchLabels and matchExpressions) matches ``labels``."""
+    if not isinstance(selector, dict):
+        return False
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        key, op, values = e.get("key"), e.get("operator"), e.get("values") or []
+        if (op == "In" and labels.get(key) not in values) or (op == "NotIn" and labels.get(key) in values):
+            return False
+        if (op == "Exists" and key not in labels) or (op == "DoesNotExist" and key in labels):
+            return False
+    return True
+
+
+def network_policy_findings(docs: list[Any]) -> list[tuple[int, str]]:
+    """(document number, label) of each RayService no NetworkPolicy in the set selects (its head pod)."""
+    policies = [
+        d for d in docs
+        if isinstance(d, dict) and d.get("kind") == "NetworkPolicy" and "Ingress" in ((d.get("spec") or {}).get("policyTypes") or ["Ingress"])
+    ]
+    out = []
+    for n, d in enumerate(docs, start=1):
+        if not (isinstance(d, dict) and d.get("kind") == "RayService"):
+            continue
+        ns = (d.get("metadata") or {}).get("namespace")
+        head = ((((d.get("spec") or {}).get("rayClusterConfig") or {}).get("headGroupSpec") or {}).get("template") or {})
+        labels = {**KUBERAY_POD_LABELS, **((head.get("metadata") or {}).get("labels") or {})}
+        if not any(
+            (p.get("metadata") or {}).get("namespace") == ns and _selects((p.get("spec") or {}).get("podSelector"), labels)
+            for p in policies
+        ):
+            out.append((n, f"RayService/{(d.get('metadata') or {}).get('name', '?')} (document {n})"))
+    return out
+
+
 # -- the driver ------------------------------------------------------------------------------------
 
 
@@ -554,6 +732,9 @@ def validate_documents(docs: list[Any], crd_dir: str | Path, k8s_version: str = 
             rules = rayservice_rules(doc) if kind == "RayService" else raycluster_rules(doc) if kind == "RayCluster" else []
             for path, rule, msg, fix in rules + pod_rules(kind, doc):
                 add(path, rule, msg, fix)
+            if kind == "RayService":
+                for path, rule, msg, fix, severity in gpuserve_rules(doc):
+                    findings.append(Finding(label, path, rule, msg, fix, severity))
             for role, path, template in _pod_templates(kind, doc):
                 bad = _k8s({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}, k8s_version)
                 if bad:
@@ -569,6 +750,8 @@ def validate_documents(docs: list[Any], crd_dir: str | Path, k8s_version: str = 
             if kind == "Service":
                 for path, rule, msg, fix in service_rules(doc):
                     add(path, rule, msg, fix)
+    for n, label in network_policy_findings(docs):
+        findings.append(Finding(label, "metadata", "gpuserve/network-policy", "no NetworkPolicy in this manifest set selects the RayService's pods: every port (GCS, dashboard, Jobs API) is open to every pod in the cluster", "apply the NetworkPolicy gpuserve render writes, or one of your own that selects these pods", "warning"))
     return findings
 
 
