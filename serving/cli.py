@@ -82,6 +82,23 @@ def _cmd_status(args: argparse.Namespace, passthrough: list[str]) -> int:
     return 0
 
 
+def _cmd_drain(args: argparse.Namespace, passthrough: list[str]) -> int:
+    import json
+
+    from serving._private.drain import drain_node
+
+    try:
+        result = drain_node(args.address, args.timeout_s, args.node_id)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        # No Ray to drain (it already stopped, or never started): nothing is running here either.
+        print(f"gpuserve drain: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.to_dict()))
+    if not result.accepted:
+        print(f"gpuserve drain: the GCS refused the drain: {result.rejection}", file=sys.stderr)
+    return 0 if result.drained else 1
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from serving import __version__
 
@@ -113,6 +130,17 @@ def _build_parser() -> argparse.ArgumentParser:
         "GPUSERVE_WEIGHT_DIGEST_DIR set refuse an entry that does not match it)",
     )
     pre.set_defaults(func=_cmd_prefetch)
+    dr = sub.add_parser(
+        "drain",
+        help="drain this Ray node (a worker pod's preStop hook) and wait for its replicas to move",
+        description="Ask the GCS to drain a node with a deadline TIMEOUT_S away; Serve then starts replacement "
+        "replicas elsewhere and stops the node's replicas gracefully. Wait until none is left (exit 0) or the "
+        "deadline passes (exit 1); print what happened as JSON.",
+    )
+    dr.add_argument("--timeout-s", type=float, required=True, help="longest wait; the pod's grace period must exceed it")
+    dr.add_argument("--node-id", help="hex id of the node to drain (default: the node this runs on)")
+    dr.add_argument("--address", default="auto", help="Ray cluster address (default: the local node's cluster)")
+    dr.set_defaults(func=_cmd_drain)
     st = sub.add_parser(
         "status",
         help="replicas by state per deployment, and why pending replicas wait",

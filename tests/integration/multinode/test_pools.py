@@ -174,3 +174,48 @@ def test_an_application_from_the_rendered_serve_config_serves_on_its_pool(pool_c
         assert pool_of_node()[health["node_id"]] == "cpu"
     finally:
         serve.delete("from-config")
+
+
+def test_a_drained_gpu_node_hands_its_replica_to_another_node_without_failing_a_request(pool_cluster, tiny_lm_dir):
+    """The worker pods' preStop hook (`gpuserve drain`), run as Kubernetes would before SIGTERM: the GCS
+    drains the node, Serve starts a replacement on another GPU node and stops the old replica gracefully;
+    requests sent throughout all succeed. Runs last: it leaves one L4 node draining."""
+    import json
+    import threading
+
+    cluster, base = pool_cluster
+    serve.delete("gen")  # the first test's five replicas hold every L4 GPU
+    spec = ServingSpec(name="moving", pools=POOLS, deployments=[deployment("moving", tiny_lm_dir, 1, "l4", 1)])
+    deploy(spec)
+    rep = wait_for(lambda: (r := report_for("moving")) and r.counts.get("RUNNING") == 1 and r, what="moving RUNNING")
+    [old_node] = [row["node_id"] for row in rep.replicas if row["state"] == "RUNNING"]
+
+    codes, stop = [], threading.Event()
+
+    def traffic():
+        with httpx.Client(timeout=120) as client:
+            while not stop.is_set():
+                r = client.post(f"{base}/moving/v1/completions", json={"prompt": "Hello", "max_tokens": 4})
+                codes.append(r.status_code)
+
+    sender = threading.Thread(target=traffic, daemon=True)
+    sender.start()
+    try:
+        wait_for(lambda: len(codes) >= 3, 60, "traffic before the drain")
+        out = subprocess.run(
+            [str(Path(sys.executable).with_name("gpuserve")), "drain", "--timeout-s", "90",
+             "--node-id", old_node, "--address", cluster.address],
+            capture_output=True, text=True, timeout=180, cwd=ROOT,
+        )
+        assert out.returncode == 0, (out.stdout, out.stderr)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert result["accepted"] and result["drained"] and result["replicas_left"] == 0, result
+        n_at_drain = len(codes)
+        wait_for(lambda: len(codes) >= n_at_drain + 3, 60, "traffic after the drain")
+    finally:
+        stop.set()
+        sender.join(timeout=120)
+    rep = report_for("moving")
+    running = [row["node_id"] for row in rep.replicas if row["state"] == "RUNNING"]
+    assert len(running) == 1 and running[0] != old_node and pool_of_node()[running[0]] == "l4", rep.replicas
+    assert codes and set(codes) == {200}, f"requests failed during the drain: {sorted(set(codes))}"
