@@ -546,6 +546,11 @@ class ModelDeployment(_Spec):
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     auth: Optional[AuthSpec] = Field(default=None, description="API keys required on /v1/*; None serves openly.")
+    api_docs: bool = Field(
+        default=False,
+        description="Publish the interactive API docs (/docs, /redoc, /openapi.json), without the API key. Off: "
+        "they answer 404, so the surface is not advertised.",
+    )
 
     @field_validator("name")
     @classmethod

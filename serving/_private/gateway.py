@@ -594,7 +594,10 @@ class Gateway(OpenAIRoutes):
         return await self._admit_and_forward(endpoint, request)
 
     async def _get(self, route: str, request: Request) -> Response:
-        """``GET /health`` and ``/v1/models``, answered by a model replica."""
+        """``GET /v1/models``, answered by a model replica; ``GET /health``: readiness from this gateway's
+        own state for anyone (probes), a replica's details only with a key (they name nodes and devices)."""
+        if route == "health" and not self._check_key.allows(request.headers):
+            return self._readiness()
         try:
             if route != "health":
                 self._check_auth(request)
@@ -604,6 +607,14 @@ class Gateway(OpenAIRoutes):
         except Unauthorized as e:
             return error_response(e)
         return to_response(reply)
+
+    def _readiness(self) -> Response:
+        """Ready when the controller last counted a running replica; never forwarded past admission, so an
+        unauthenticated caller costs a replica nothing and learns nothing but ready or not."""
+        self._ensure_poller()
+        if self.drain.running >= 1:
+            return JSONResponse({"status": "ready"})
+        return error_response(ModelNotReady("no replica is running yet", code="model_not_ready"))
 
     async def admission(self, request: Request) -> Response:
         """The queue, its counters and the drain estimate (JSON)."""

@@ -351,6 +351,12 @@ class ModelServer(OpenAIRoutes):
         return await respond(self.reply_stream(endpoint, body))
 
     async def _get(self, route: str, request: Request) -> Response:
+        if route == "health" and not self._check_key.allows(request.headers):
+            # Readiness only for a caller without a key: the details name nodes and devices.
+            reply = await self.info(route)
+            if reply.ok:
+                return to_response(Reply({"status": "ready"}))
+            return to_response(Reply.failure(ModelNotReady("the model is not ready", code="model_not_ready")))
         if route != "health":
             try:
                 self._check_auth(request)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -105,6 +106,10 @@ class OpenAIRoutes:
         """Serve ``GET /v1/models`` (``models``) or ``GET /health`` (``health``)."""
         raise NotImplementedError
 
+    def _api_docs_enabled(self) -> bool:
+        """Whether the spec publishes the API docs (``api_docs``)."""
+        return bool(getattr(getattr(self, "spec", None), "api_docs", False))
+
 
 # The surface, declared once: (method, path, hook, its argument, summary).
 ROUTES: tuple[tuple[str, str, str, str, str], ...] = (
@@ -133,11 +138,37 @@ async def _not_found(request: Request, exc: StarletteHTTPException) -> JSONRespo
     return not_found_response(request, exc)
 
 
+# FastAPI's own docs pages, off unless the spec turns them on (``api_docs``).
+DOC_PAGES = ("/openapi.json", "/docs", "/redoc")
+
+
+def _docs_route(cls: type, api: FastAPI, page: str) -> Any:
+    async def endpoint(self: Any, request: Request) -> Response:
+        if not self._api_docs_enabled():
+            # As any unknown path: the surface is not advertised.
+            return not_found_response(request, StarletteHTTPException(404))
+        if page == "/openapi.json":
+            return JSONResponse(api.openapi())
+        # Behind Ray Serve the app lives under its route prefix: the pages fetch the schema from there.
+        schema_url = request.scope.get("root_path", "").rstrip("/") + "/openapi.json"
+        if page == "/docs":
+            return get_swagger_ui_html(openapi_url=schema_url, title="gpuserve API")
+        return get_redoc_html(openapi_url=schema_url, title="gpuserve API")
+
+    name = "api_docs_" + page.strip("/").replace(".", "_")
+    endpoint.__name__ = name
+    endpoint.__qualname__ = f"{cls.__qualname__}.{name}"
+    return endpoint
+
+
 def make_api(cls: type, description: str, extra_get: Optional[dict[str, str]] = None) -> FastAPI:
     """The FastAPI app of ingress class ``cls``: the :data:`ROUTES`, plus ``extra_get`` (path -> method
-    name of ``cls``), unknown paths and methods answered in OpenAI's error shape."""
-    api = FastAPI(title="gpuserve", description=description)
+    name of ``cls``), unknown paths and methods answered in OpenAI's error shape. The docs pages
+    (:data:`DOC_PAGES`) answer only where the spec enables them."""
+    api = FastAPI(title="gpuserve", description=description, docs_url=None, redoc_url=None, openapi_url=None)
     api.add_exception_handler(StarletteHTTPException, _not_found)
+    for page in DOC_PAGES:
+        api.add_api_route(page, _docs_route(cls, api, page), methods=["GET"], include_in_schema=False)
     for method, path, hook, arg, doc in ROUTES:
         api.add_api_route(path, _route(cls, hook, arg, arg.replace("/", "_"), doc), methods=[method])
     for path, name in (extra_get or {}).items():

@@ -67,3 +67,44 @@ def test_key_check_is_open_without_auth_and_refuses_a_wrong_key_with_it(monkeypa
     for headers in ({"authorization": "Bearer " + "x" * 16}, {}):
         with pytest.raises(Unauthorized):
             check(headers)
+
+
+def test_a_rotated_key_file_takes_effect_without_a_restart_and_a_bad_rotation_keeps_the_old_keys(tmp_path, caplog):
+    """A Kubernetes Secret update: the mounted file's data is swapped behind a symlink."""
+    import logging
+    import os
+
+    now = [0.0]
+    data = tmp_path / "..data-1"
+    data.write_text(KEY_A + "\n")
+    link = tmp_path / "api-keys"
+    link.symlink_to(data)
+    check = KeyCheck(AuthSpec(api_keys_file=str(link)), clock=lambda: now[0])
+    assert check.allows({"authorization": f"Bearer {KEY_A}"})
+
+    def swap(text, n):
+        new = tmp_path / f"..data-{n}"
+        new.write_text(text)
+        tmp = tmp_path / "tmp-link"
+        tmp.symlink_to(new)
+        os.replace(tmp, link)  # atomic, as the kubelet does it
+
+    swap(KEY_B + "\n", 2)
+    # Within the check interval the old key still works (one stat a second, not one per request) ...
+    assert check.allows({"authorization": f"Bearer {KEY_A}"})
+    now[0] += 1.5
+    # ... then the new key works and the old one no longer does.
+    assert check.allows({"authorization": f"Bearer {KEY_B}"})
+    assert not check.allows({"authorization": f"Bearer {KEY_A}"})
+    # A rotation that cannot be loaded never opens the deployment nor locks out the current key.
+    with caplog.at_level(logging.ERROR, logger="ray.serve"):
+        for n, text in ((3, ""), (4, "short\n")):
+            swap(text, n)
+            now[0] += 1.5
+            assert check.allows({"authorization": f"Bearer {KEY_B}"})
+            assert not check.allows({})
+    assert "API keys not reloaded" in caplog.text and KEY_B not in caplog.text
+    # Fixed: picked up at the next look.
+    swap(f"{KEY_A}\n{KEY_B}\n", 5)
+    now[0] += 1.5
+    assert check.allows({"authorization": f"Bearer {KEY_A}"}) and check.allows({"authorization": f"Bearer {KEY_B}"})
