@@ -608,6 +608,15 @@ def gpuserve_rules(doc: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         out.append(("spec.excludeHeadPodFromServeSvc", "gpuserve/serve-endpoint", f"the head is excluded from the Serve service but proxy_location is {cfg['proxy_location']}: the service has no proxy behind it", "use proxy_location: EveryNode, or keep the head in the Serve service", "error"))
     elif head_out and zero and not keeps_node:
         out.append(("spec.excludeHeadPodFromServeSvc", "gpuserve/serve-endpoint", f"{', '.join(zero)} can scale to zero replicas, every worker group to zero nodes, and the head is excluded from the Serve service: with the nodes gone the service has no endpoint, so the request that should wake the deployment never arrives", "set excludeHeadPodFromServeSvc: false, or give a CPU worker group minReplicas >= 1 (gpuserve render does one of them)", "error"))
+    if c.get("gcsFaultToleranceOptions"):
+        on_head = [
+            f"{app.get('name')}/{d.get('name')}"
+            for app in cfg.get("applications") or []
+            for d in (app or {}).get("deployments") or []
+            if "node:__internal_head__" in ((d.get("ray_actor_options") or {}).get("resources") or {})
+        ]
+        if on_head:
+            out.append(("spec.serveConfigV2", "gpuserve/gateway-on-head", f"GCS fault tolerance keeps the workers through a head restart, but {', '.join(on_head)} run on the head: while it restarts no request is admitted", "give a CPU pool min_nodes >= 1 so the gateways run there (gpuserve render places them on it)", "warning"))
     for i, fit in upgrade_fits(doc):
         path = f"{base}.workerGroupSpecs[{i}]"
         if not fit.fits_ever:

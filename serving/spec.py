@@ -455,7 +455,8 @@ class AuthSpec(_Spec):
     Ray's own token auth covers the control plane only. Keys are read on each
     replica at start, from an environment variable (comma-separated) or a file
     (one per line), e.g. a Kubernetes Secret mounted into the worker pods; they
-    never travel in the spec or the Serve config.
+    never travel in the spec or the Serve config. A file is reloaded when it
+    changes (rotation without a restart); an environment variable is read once.
     """
 
     api_keys_env: Optional[str] = Field(
@@ -464,7 +465,7 @@ class AuthSpec(_Spec):
         description="Environment variable holding comma-separated API keys.",
     )
     api_keys_file: Optional[str] = Field(
-        default=None, min_length=1, description="File holding one API key per line."
+        default=None, min_length=1, description="File holding one API key per line; reloaded when it changes."
     )
 
     @model_validator(mode="after")

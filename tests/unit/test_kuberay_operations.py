@@ -297,3 +297,12 @@ def test_no_gpu_resources_leak_onto_the_head_in_any_variant():
     for opts in ({}, {"gcs_ft_redis": "r:6379"}, {"gateway_class": "istio"}):
         head = cluster(rendered(**opts))["headGroupSpec"]["template"]["spec"]["containers"][0]
         assert GPU_TAINT_KEY not in head["resources"]["limits"]
+
+
+@needs_crds
+def test_gcs_fault_tolerance_with_the_gateways_on_the_head_is_a_warning():
+    # No CPU pool keeps a node: the gateways run on the head, and a head restart stops admission.
+    docs = render(gpu_spec(cpu_min_nodes=0), RenderOptions(import_path="x:y", gcs_ft_redis="redis:6379"))
+    assert any(r == "gpuserve/gateway-on-head" and "llm/llm-gateway" in m for r, _, m in warnings(docs)), warnings(docs)
+    docs = render(gpu_spec(cpu_min_nodes=1), RenderOptions(import_path="x:y", gcs_ft_redis="redis:6379"))
+    assert not any(r == "gpuserve/gateway-on-head" for r, _, _ in warnings(docs))
