@@ -27,8 +27,6 @@ import sys
 import tempfile
 import time
 
-import aiohttp
-
 SHORT_PROMPT = "The quick brown fox jumps over the lazy dog."
 LONG_PROMPT = " ".join(
     [
@@ -69,6 +67,8 @@ def workload(rate_per_s, duration_s, seed, long_fraction, stream_fraction, short
 
 async def one(session, url, t0, send_s, body, timeout_s):
     """Send one request at ``t0 + send_s``; (status, ttft_s, chunk gaps, completion tokens, text, latency)."""
+    import aiohttp  # here, not at the top: bench/prefill_chunk.py imports this module where aiohttp is absent
+
     await asyncio.sleep(max(0.0, t0 + send_s - time.monotonic()))
     start = time.monotonic()
     gaps, first, text, tokens = [], None, "", 0
@@ -107,6 +107,8 @@ async def one(session, url, t0, send_s, body, timeout_s):
 
 
 async def phase(url, arrivals, timeout_s):
+    import aiohttp
+
     t0 = time.monotonic() + 0.5
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn) as session:

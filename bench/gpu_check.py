@@ -21,6 +21,9 @@ device tool's README for carrying wheels in .whl/). Prints one JSON object:
   parameters) on CUDA, in process: tokens/s for the same mixed requests, the latency of short requests sent
   while a long generation runs, greedy outputs compared, and the KV-cache budget derived from the device
   (which scheduler ``auto`` should pick on this card);
+* ``prefill_chunks``: the iteration scheduler's prefill chunk on the same model on CUDA (``bench/prefill_chunk.py``'s
+  comparison, 10 s per rate and chunk, rates scaled to the card): which ``generation.prefill_chunk_tokens``
+  ``None`` should mean on this card;
 * ``pytest``: the exit code of ``pytest tests/gpu`` in the same call.
 """
 
@@ -280,6 +283,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         make_random_llama(d)
         out["schedulers"] = scheduler_comparison(d, gpus=1)
+        try:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            from bench.prefill_chunk import compare
+
+            llama = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to("cuda").eval()
+            out["prefill_chunks"] = compare(llama, AutoTokenizer.from_pretrained(d), [0, 256, 512, 1024], [8.0, 16.0], 10.0, slots=64)
+            del llama
+        except Exception as e:  # noqa: BLE001 - report it; the other sections stand
+            out["prefill_chunks"] = {"error": repr(e)}
     out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
     out["pytest"] = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "tests/gpu"], cwd=ROOT, stdout=sys.stderr

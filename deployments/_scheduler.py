@@ -6,6 +6,11 @@ it drops the sequences that finished or whose client left, and prefills the wait
 the next step. A short request that arrives while a long generation runs therefore waits one step, not
 the whole generation.
 
+**Chunked prefill.** A prompt longer than ``prefill_chunk_tokens`` is prefilled a chunk per iteration, into
+a cache of its own, and joins the batch when its last chunk is done; shorter prompts are prefilled whole,
+first. So a short request that arrives while a long prompt is being read waits for one chunk, not the
+whole prompt, and the running sequences are never held up by more than a chunk's work per step.
+
 The batch's KV cache is transformers' ``DynamicCache``: rows are left-padded to a common length, an
 attention mask hides the padding, and each row's positions count its own tokens only, so a row's
 logits are those of the same prompt alone (up to float rounding). Models whose cache is not made of
@@ -114,6 +119,8 @@ class Sequence:
     # Out-of-memory errors it was part of, and alone.
     preempted: int = 0
     ooms_alone: int = 0
+    # An event taken from ``events`` while coalescing text, to be returned next.
+    _pending: Any = None
 
     @property
     def peak_tokens(self) -> int:
@@ -122,6 +129,16 @@ class Sequence:
 
     def cancel(self) -> None:
         self.cancelled = True
+
+
+@dataclass
+class _Prefill:
+    """A long prompt being prefilled a chunk at a time, into a cache of its own."""
+
+    seq: Sequence
+    inputs: list[int]
+    done: int = 0
+    cache: Any = None
 
 
 def _cache_arg(model: Any) -> str:
@@ -192,6 +209,8 @@ class GenerationScheduler:
         kv_bytes_per_token: KV-cache bytes of one token (:func:`kv_bytes_per_token`).
         kv_budget_bytes: Most bytes the batch's KV cache may reach; None: no bound.
         free_memory: Frees the device's cached memory after an out-of-memory error.
+        prefill_chunk_tokens: Prompts longer than this are prefilled this many tokens an iteration;
+            None or 0: every prompt whole.
     """
 
     def __init__(
@@ -204,9 +223,15 @@ class GenerationScheduler:
         kv_bytes_per_token: int = 0,
         kv_budget_bytes: Optional[int] = None,
         free_memory: Callable[[], None] = gc.collect,
+        prefill_chunk_tokens: Optional[int] = None,
     ):
         if max_running < 1:
             raise ValueError(f"max_running ({max_running}) must be >= 1")
+        if prefill_chunk_tokens is not None and prefill_chunk_tokens < 0:
+            raise ValueError(f"prefill_chunk_tokens ({prefill_chunk_tokens}) must be >= 0")
+        self.prefill_chunk_tokens = prefill_chunk_tokens or 0
+        # Long prompts part-way through their prefill (first in, first done); they count as running.
+        self._prefilling: list[_Prefill] = []
         self.model, self.tokenizer, self.max_running = model, tokenizer, max_running
         self.clock, self.observer = clock, observer
         self.kv_bytes_per_token, self.kv_budget_bytes, self.free_memory = kv_bytes_per_token, kv_budget_bytes, free_memory
@@ -259,7 +284,7 @@ class GenerationScheduler:
                 param="max_tokens",
                 code="request_too_large_for_device",
             )
-        queued = [s.peak_tokens for s in list(self._running) + list(self._waiting)]
+        queued = [s.peak_tokens for s in self._holding() + list(self._waiting)]
         if self.reservation_bytes(queued + [peak_tokens]) > budget:
             raise Overloaded(
                 f"the KV cache is full: the running and waiting sequences hold {len(queued)} places; retry when "
@@ -285,13 +310,34 @@ class GenerationScheduler:
             self._cv.notify()
         return seq
 
-    def next_event(self, seq: Sequence, cancel: Optional[threading.Event] = None) -> Any:
+    def next_event(self, seq: Sequence, cancel: Optional[threading.Event] = None, coalesce: bool = False) -> Any:
         """The sequence's next event, blocking.
 
         Once ``cancel`` is set the sequence is cancelled (it leaves the batch at the next step) and the
         answer is ``Finished("cancelled")`` at once: the consumer has gone, the events still queued are not
         worth reading. A dead scheduler thread is an error, never an endless wait.
+
+        With ``coalesce``, a text event comes with the text events already queued behind it, as one: a
+        consumer that fell behind (a loaded replica) catches up in one message instead of one per token,
+        and one that keeps up sees every token as soon as it is made.
         """
+        ev = self._next_event(seq, cancel)
+        if coalesce and isinstance(ev, str):
+            while True:
+                try:
+                    more = seq.events.get_nowait()
+                except queue.Empty:
+                    break
+                if not isinstance(more, str):
+                    seq._pending = more
+                    break
+                ev += more
+        return ev
+
+    def _next_event(self, seq: Sequence, cancel: Optional[threading.Event]) -> Any:
+        if seq._pending is not None:
+            ev, seq._pending = seq._pending, None
+            return ev
         while True:
             if cancel is not None and cancel.is_set():
                 seq.cancel()
@@ -311,9 +357,13 @@ class GenerationScheduler:
             if isinstance(ev, Finished):
                 return seq.text, ev
 
+    def _holding(self) -> list[Sequence]:
+        """The sequences that hold (or are building) KV cache: the batch's and those being prefilled."""
+        return list(self._running) + [p.seq for p in list(self._prefilling)]
+
     @property
     def running(self) -> int:
-        return len(self._running)
+        return len(self._running) + len(self._prefilling)
 
     @property
     def waiting(self) -> int:
@@ -332,10 +382,10 @@ class GenerationScheduler:
 
         while True:
             with self._cv:
-                while not self._stopped and not self._waiting and not self._running:
+                while not self._stopped and not self._waiting and not self._running and not self._prefilling:
                     self._cv.wait()
                 if self._stopped:
-                    for s in self._waiting + self._running:
+                    for s in self._waiting + self._holding():
                         s.events.put(RuntimeError("the generation scheduler stopped"))
                     return
                 joining = self._admit()
@@ -345,9 +395,16 @@ class GenerationScheduler:
             try:
                 with torch.inference_mode():
                     self._drop(lambda s: s.cancelled)
+                    self._drop_prefills()
                     joining = [s for s in joining if not s.cancelled]
-                    if joining:
-                        self._join(joining)
+                    chunk = self.prefill_chunk_tokens
+                    whole = [s for s in joining if not chunk or len(s.prompt_ids) + len(s.ids) <= chunk]
+                    self._prefilling += [_Prefill(s, s.prompt_ids + s.ids) for s in joining if s not in whole]
+                    # Short prompts first, whole; then one chunk of the oldest long one.
+                    if whole:
+                        self._join(whole)
+                    if self._prefilling:
+                        self._prefill_chunk()
                     # The sequences already running do not pause for a prefill: every iteration steps.
                     if self._running:
                         self._step()
@@ -360,8 +417,10 @@ class GenerationScheduler:
                     failed = e
                     logger.error("gpuserve: generation step failed", exc_info=e)
             if failed is not None or oom_message is not None:
-                involved = self._running + [s for s in joining if s not in self._running]
+                involved = self._running + [p.seq for p in self._prefilling if p.seq not in self._running]
+                involved += [s for s in joining if s not in involved]
                 self._running, self._cache, self._mask, self._next = [], None, None, None
+                self._prefilling = []
                 if oom_message is not None:
                     self._recover_from_oom(involved, oom_message)
                 else:
@@ -382,10 +441,11 @@ class GenerationScheduler:
         """Take the waiting sequences that join now (under the lock): in order, while the running set has
         room and the padded batch's bound stays within the KV budget."""
         joining: list[Sequence] = []
-        while self._waiting and len(self._running) + len(joining) < self._cap:
+        holding = self._holding()
+        while self._waiting and len(holding) + len(joining) < self._cap:
             s = self._waiting[0]
-            if self.kv_budget_bytes is not None and (self._running or joining):
-                peaks = [x.peak_tokens for x in self._running + joining + [s]]
+            if self.kv_budget_bytes is not None and (holding or joining):
+                peaks = [x.peak_tokens for x in holding + joining + [s]]
                 if self.reservation_bytes(peaks) > self.kv_budget_bytes:
                     break
             joining.append(self._waiting.pop(0))
@@ -455,11 +515,12 @@ class GenerationScheduler:
             logger.warning("gpuserve: the scheduler's observer failed: %s", e)
 
     def kv_cache_bytes(self) -> int:
-        """Bytes the running batch's KV cache holds (padding included: it is allocated)."""
-        cache = self._cache
-        if cache is None:
-            return 0
-        return sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
+        """Bytes the running batch's KV cache holds (padding included: it is allocated), and the caches of
+        the prompts being prefilled."""
+        caches = [self._cache, *(p.cache for p in list(self._prefilling))]
+        return sum(
+            t.nbytes for cache in caches if cache is not None for layer in cache.layers for t in (layer.keys, layer.values) if t is not None
+        )
 
     def _forward(self, input_ids: Any, mask: Any, cache: Any) -> tuple[Any, Any]:
         import torch
@@ -470,6 +531,12 @@ class GenerationScheduler:
             input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **{self._cache_arg: cache}
         )
         return out.logits[:, -1, :].float(), _cache_of(out) if cache is None else cache
+
+    def _seed(self, s: Sequence) -> None:
+        import torch
+
+        if s.seed is not None and s.temperature > 0.0 and s._generator is None:
+            s._generator = torch.Generator(device=self.model.device).manual_seed(s.seed)
 
     def _join(self, joining: list[Sequence]) -> None:
         """Prefill the joining sequences together and add them to the running batch."""
@@ -484,17 +551,42 @@ class GenerationScheduler:
         for i, (s, x) in enumerate(zip(joining, inputs)):
             ids[i, width - len(x) :] = torch.tensor(x, device=device)
             mask[i, width - len(x) :] = 1
-            if s.seed is not None and s.temperature > 0.0 and s._generator is None:
-                s._generator = torch.Generator(device=device).manual_seed(s.seed)
+            self._seed(s)
         logits, cache = self._forward(ids, mask, None)
-        tokens = self._sample(logits, joining)
+        self._add_rows(cache, mask, self._sample(logits, joining), joining)
+
+    def _prefill_chunk(self) -> None:
+        """Prefill the next chunk of the oldest long prompt; once it is whole, it joins the batch."""
+        import torch
+
+        p = self._prefilling[0]
+        device = self.model.device
+        n = min(self.prefill_chunk_tokens, len(p.inputs) - p.done)
+        ids = torch.tensor([p.inputs[p.done : p.done + n]], dtype=torch.long, device=device)
+        mask = torch.ones((1, p.done + n), dtype=torch.long, device=device)
+        logits, p.cache = self._forward(ids, mask, p.cache)
+        p.done += n
+        if p.done < len(p.inputs):
+            return
+        self._prefilling.pop(0)
+        self._seed(p.seq)
+        self._add_rows(p.cache, mask, self._sample(logits, [p.seq]), [p.seq])
+
+    def _drop_prefills(self) -> None:
+        """Forget the prompts being prefilled whose client left (their caches go with them)."""
+        for p in [p for p in self._prefilling if p.seq.cancelled]:
+            p.seq.events.put(Finished("cancelled", len(p.seq.ids)))
+        self._prefilling = [p for p in self._prefilling if not p.seq.cancelled]
+
+    def _add_rows(self, cache: Any, mask: Any, tokens: Any, seqs: list[Sequence]) -> None:
+        """Add freshly prefilled rows (their cache, mask and first sampled tokens) to the running batch."""
         if self._cache is None:
             self._cache, self._mask, self._next = cache, mask, tokens
-            self._running = list(joining)
+            self._running = list(seqs)
         else:
             self._merge(cache, mask, tokens)
-            self._running += joining
-        self._advance(tokens, joining)
+            self._running += seqs
+        self._advance(tokens, seqs)
 
     def _merge(self, cache: Any, mask: Any, tokens: Any) -> None:
         """Append the rows of a freshly prefilled cache to the running batch's (left-padding the shorter)."""

@@ -187,6 +187,19 @@ class CompletionItem:
 AUTO_SCHEDULER = {"cpu": "iteration"}
 
 
+# The prefill chunk (tokens) the iteration scheduler uses by default on each device: measured in
+# bench/generation.py (docs/benchmarks.md). Devices not measured get DEFAULT_PREFILL_CHUNK.
+AUTO_PREFILL_CHUNK = {"cpu": 128}
+DEFAULT_PREFILL_CHUNK = 512
+
+
+def resolve_prefill_chunk(requested: Optional[int], device: str) -> int:
+    """The prefill chunk a replica uses: the requested one, or the one measured for its device."""
+    if requested is not None:
+        return requested
+    return AUTO_PREFILL_CHUNK.get(device, DEFAULT_PREFILL_CHUNK)
+
+
 def resolve_scheduler(requested: str, device: str) -> str:
     """The scheduler a replica runs: the requested one, or for 'auto' the one measured faster on its device."""
     if requested != "auto":
@@ -394,6 +407,7 @@ class TextGenerationTask(Task[CompletionItem]):
                     kv_bytes_per_token=kv_bytes_per_token(self.model.config, element),
                     kv_budget_bytes=self._kv_budget_bytes(),
                     free_memory=free_cache_for(self.device),
+                    prefill_chunk_tokens=resolve_prefill_chunk(self.spec.generation.prefill_chunk_tokens, self.device),
                 )
 
     def _kv_budget_bytes(self) -> Optional[int]:
@@ -597,7 +611,8 @@ class TextGenerationTask(Task[CompletionItem]):
             seq = self.scheduler.submit(self._sequence(item, incremental=True))
             try:
                 while True:
-                    ev = self.scheduler.next_event(seq, cancel)
+                    # Coalesced: a stream that fell behind sends what it has in one chunk, not one per token.
+                    ev = self.scheduler.next_event(seq, cancel, coalesce=True)
                     if isinstance(ev, BaseException):
                         raise ev
                     if isinstance(ev, Finished):

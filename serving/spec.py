@@ -497,6 +497,14 @@ class GenerationSpec(_Spec):
     max_running_sequences: int = Field(
         default=16, ge=1, le=4096, description="Most sequences decoding at once with the iteration scheduler; more wait."
     )
+    prefill_chunk_tokens: Optional[int] = Field(
+        default=None,
+        ge=0,
+        le=1_000_000,
+        description="With the iteration scheduler, a prompt longer than this is read this many tokens per "
+        "iteration, so requests that arrive meanwhile wait for a chunk, not a whole long prompt; 0: every prompt "
+        "whole. None: the size docs/benchmarks.md measured for the replica's device.",
+    )
     kv_cache_bytes: Optional[int] = Field(
         default=None,
         ge=1,

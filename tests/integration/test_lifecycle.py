@@ -162,9 +162,9 @@ def test_lifecycle_metrics_reach_prometheus_format(embeddings_client, metrics_po
     deadline, text = time.monotonic() + 90, ""
     while time.monotonic() < deadline:
         text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
-        if all(f'replica="{replica}"' in line for n in names for line in text.splitlines() if line.startswith(n + "{")):
-            if all(n + "{" in text for n in names):
-                break
+        # Every metric has a row for this replica (other deployments' replicas export the same names).
+        if all(any(line.startswith(n + "{") and f'replica="{replica}"' in line for line in text.splitlines()) for n in names):
+            break
         time.sleep(1)
     for n in names:
         rows = [line for line in text.splitlines() if line.startswith(n + "{") and f'replica="{replica}"' in line]

@@ -448,3 +448,110 @@ def test_warm_up_covers_the_longest_request_the_kv_budget_holds_not_the_context(
         assert [o["usage"]["completion_tokens"] for o in out] == [4, 4]
     finally:
         task.scheduler.close()
+
+
+# -- chunked prefill -------------------------------------------------------------------------------
+
+
+def chunked(task, chunk, observer=None, model=None):
+    return GenerationScheduler(model or task.model, task.lm.tokenizer, 16, observer=observer, prefill_chunk_tokens=chunk)
+
+
+def test_a_chunked_prefill_gives_the_same_greedy_text_as_the_whole_prompt(iteration):
+    prompts = [" ".join(["word"] * n) + f" tail {n}" for n in (5, 20, 40)]  # 26, 87 and 167 tokens
+    whole = [iteration.scheduler.result(iteration.scheduler.submit(seq(iteration.lm, p, 12)))[0] for p in prompts]
+    sched = chunked(iteration, 16)
+    try:
+        got = [sched.result(sched.submit(seq(iteration.lm, p, 12)))[0] for p in prompts]
+        # Together too: a long prompt in chunks while short ones join whole and decode.
+        together = [sched.submit(seq(iteration.lm, p, 12)) for p in prompts]
+        assert [sched.result(s)[0] for s in together] == whole
+    finally:
+        sched.close()
+    assert got == whole
+
+
+def test_a_short_request_behind_a_long_prompt_gets_its_first_token_before_the_long_prompt_is_read(iteration):
+    """Each forward pass takes 50 ms: a 150-token prompt in 8-token chunks is 19 passes; the short
+    request that arrives just after it is prefilled whole in the next iteration."""
+    slow = SlowSteps(iteration.model, 0.05)
+    sched = chunked(iteration, 8, model=slow)
+    try:
+        long = sched.submit(seq(iteration.lm, " ".join(["long"] * 50), 4))
+        time.sleep(0.12)  # the long prompt's first chunks are running
+        short = sched.submit(seq(iteration.lm, "short", 4))
+        sched.result(short)
+        sched.result(long)
+    finally:
+        sched.close()
+    assert short.first_token_s < long.first_token_s
+    # It waited for about one chunk, not for the 25 of the long prompt.
+    assert short.first_token_s - short.submitted_s < (long.first_token_s - long.submitted_s) / 3
+
+
+def test_a_client_that_leaves_during_a_chunked_prefill_frees_it(iteration):
+    record = Record()
+    slow = SlowSteps(iteration.model, 0.02)
+    sched = chunked(iteration, 8, observer=record, model=slow)
+    try:
+        long = sched.submit(seq(iteration.lm, " ".join(["long"] * 50), 50))
+        deadline = time.monotonic() + 10
+        while sched.kv_cache_bytes() == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert sched.kv_cache_bytes() > 0 and sched.running == 1  # counted while it is being read
+        long.cancel()
+        ev = sched.result(long)[1]
+        assert ev == Finished("cancelled", 0)
+        deadline = time.monotonic() + 10
+        while (sched.running or sched.kv_cache_bytes()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sched.running == 0 and sched.kv_cache_bytes() == 0
+    finally:
+        sched.close()
+
+
+def test_an_oom_while_a_long_prompt_is_read_in_chunks_preempts_it_with_the_batch_and_the_texts_stay(iteration):
+    """The first time the cache reaches 100 columns (a chunk of the long prompt, with short rows decoding)
+    the device runs out of memory: everything goes back in line, and every text is its own."""
+    lm = iteration.lm
+    fired = []
+
+    def once_at_100(rows, length):
+        if length >= 100 and not fired:
+            fired.append((rows, length))
+            return True
+        return False
+
+    prompts = ["Hello there", " ".join(["word"] * 40) + " end", "A short one"]
+    want = [iteration.scheduler.result(iteration.scheduler.submit(seq(lm, p, 10)))[0] for p in prompts]
+    seen = Record()
+    sched = GenerationScheduler(OomWhen(lm.model, once_at_100), lm.tokenizer, 8, observer=seen, prefill_chunk_tokens=16)
+    try:
+        got = [sched.submit(seq(lm, p, 10)) for p in prompts]
+        texts = [sched.result(s)[0] for s in got]
+    finally:
+        sched.close()
+    assert fired and seen.causes == ["preempted"]
+    assert texts == want
+
+
+def test_a_stream_that_fell_behind_gets_the_queued_text_in_one_event_and_nothing_is_lost(iteration):
+    lm = iteration.lm
+    sched = iteration.scheduler
+    s = sched.submit(seq(lm, "Once upon a time", 20, incremental=True))
+    # Read nothing until it has finished: every delta is queued, as for a consumer far behind.
+    deadline = time.monotonic() + 30
+    while s.ids is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert s.events.qsize() > 2
+    first = sched.next_event(s, coalesce=True)
+    last = sched.next_event(s, coalesce=True)
+    # The whole text in one event; the Finished kept for the next call.
+    assert isinstance(first, str) and first == s.text
+    assert isinstance(last, Finished)
+    # Without coalescing the same text comes a delta at a time.
+    t = sched.submit(seq(lm, "Once upon a time", 20, incremental=True))
+    pieces = []
+    while not isinstance(ev := sched.next_event(t), Finished):
+        pieces.append(ev)
+    assert "".join(pieces) == first and len(pieces) > 1
