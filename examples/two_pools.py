@@ -3,7 +3,7 @@
 Locally (with fake GPUs) ``serving.testing.local_cluster(serving.pools)`` gives each pool its nodes;
 on Kubernetes ``gpuserve render examples.two_pools:serving`` gives each pool its KubeRay worker group
 (see kuberay/two_pools.yaml and docs/kubernetes.md). The models are read from the image (``/models``)
-and copied, verified, into each node's weight cache by an init container before Ray starts.
+and copied, verified, into each pod's weight cache (a volume of its own, read-only to Ray) by an init container before Ray starts.
 """
 
 from serving import (
