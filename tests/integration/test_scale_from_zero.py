@@ -37,6 +37,10 @@ def test_the_first_request_wakes_a_deployment_at_zero_replicas_and_is_answered(d
         r = client.post("/v1/embeddings", json={"input": "wake up"}, timeout=180)
         assert r.status_code == 200, r.text
         assert len(r.json()["data"][0]["embedding"]) == 384
+        # serve.status() is the controller's last snapshot: it may show the replica a moment after it answered.
+        deadline = time.monotonic() + 30
+        while running(app, "sleepy") != 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
         assert running(app, "sleepy") == 1
         # Readiness from the gateway's state follows the replica count.
         assert client.get("/health").status_code == 200
