@@ -28,6 +28,8 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
+from serving.pools import POOL_MAX_NODES_LABEL
+
 __all__ = ["Finding", "UpgradeFit", "load_crd_schemas", "upgrade_fits", "validate_documents", "validate_file"]
 
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -39,8 +41,6 @@ GPU = "nvidia.com/gpu"
 MANAGED_BY = ("ray.io/kuberay-operator", "kueue.x-k8s.io/multikueue")
 # The labels KubeRay puts on every pod it creates, besides the template's own.
 KUBERAY_POD_LABELS = {"app.kubernetes.io/created-by": "kuberay-operator", "app.kubernetes.io/name": "kuberay"}
-# The Ray node label gpuserve's render gives each pool's group: the pool's max_nodes (serving.pools).
-POOL_MAX_NODES_LABEL = "gpuserve.io/pool-max-nodes"
 # A worker group without maxReplicas gets the CRD default.
 UNBOUNDED = 2147483647
 
@@ -583,7 +583,8 @@ def _can_reach_zero(cfg: Any) -> list[str]:
     for app in (cfg or {}).get("applications") or []:
         for d in (app or {}).get("deployments") or []:
             auto = d.get("autoscaling_config") or {}
-            if auto.get("min_replicas") == 0 or d.get("num_replicas") == 0 or (auto and "min_replicas" not in auto and "num_replicas" not in d):
+            # Serve's own default min_replicas is 1: only an explicit 0 reaches zero.
+            if auto.get("min_replicas") == 0 or d.get("num_replicas") == 0:
                 out.append(f"{app.get('name')}/{d.get('name')}")
     return out
 

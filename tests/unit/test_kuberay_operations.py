@@ -306,3 +306,16 @@ def test_gcs_fault_tolerance_with_the_gateways_on_the_head_is_a_warning():
     assert any(r == "gpuserve/gateway-on-head" and "llm/llm-gateway" in m for r, _, m in warnings(docs)), warnings(docs)
     docs = render(gpu_spec(cpu_min_nodes=1), RenderOptions(import_path="x:y", gcs_ft_redis="redis:6379"))
     assert not any(r == "gpuserve/gateway-on-head" for r, _, _ in warnings(docs))
+
+
+@needs_crds
+def test_a_deployment_without_min_replicas_is_not_taken_for_one_that_reaches_zero():
+    # Ray Serve's own default min_replicas is 1: only an explicit 0 can leave the service without a proxy.
+    docs = render(gpu_spec(min_replicas=0, cpu_min_nodes=0), RenderOptions(import_path="x:y"))
+    docs[0]["spec"]["excludeHeadPodFromServeSvc"] = True
+    cfg = yaml.safe_load(docs[0]["spec"]["serveConfigV2"])
+    for app in cfg["applications"]:
+        for d in app["deployments"]:
+            (d.get("autoscaling_config") or {}).pop("min_replicas", None)
+    docs[0]["spec"]["serveConfigV2"] = yaml.safe_dump(cfg)
+    assert not any(r == "gpuserve/serve-endpoint" for r, _, _ in errors(docs))
