@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import yaml
 
+from kuberay.validate import KUBERAY_CREATED_BY
 from serving.pools import GPU_TAINT_KEY, NodePool, ServingSpec
 from serving.protocol import PROXY_ENV, WEIGHT_DIGEST_DIR_ENV
 from serving.spec import ModelDeployment
@@ -36,8 +37,6 @@ WEIGHT_CACHE_FORMS = ("ephemeral", "pvc:NAME", "hostPath:/PATH")
 DRAIN_MARGIN_S = 30
 # KubeRay's operator pods (its Helm chart's label); only they reach the dashboard from outside.
 OPERATOR_POD_LABELS = {"app.kubernetes.io/name": "kuberay-operator"}
-# Every pod KubeRay creates carries this label; with the service label it selects this RayService's pods.
-KUBERAY_POD_LABELS = {"app.kubernetes.io/created-by": "kuberay-operator"}
 
 
 @dataclass(frozen=True)
@@ -427,8 +426,9 @@ def _network_policies(spec: ServingSpec, opts: RenderOptions) -> list[dict[str, 
     dashboard (Serve and Jobs API) to the KubeRay operator's pods only, metrics to Prometheus; GCS and every
     other Ray port to nobody. Egress: each other, DNS, and for the head the API server (its autoscaler)
     and the GCS fault-tolerance Redis."""
-    ray_pods = {"matchLabels": {SERVICE_LABEL: spec.name, **KUBERAY_POD_LABELS}}
-    head = {"matchLabels": {SERVICE_LABEL: spec.name, ROLE_LABEL: "head", **KUBERAY_POD_LABELS}}
+    # Every pod KubeRay creates carries KUBERAY_CREATED_BY; with the service label it selects this RayService's pods.
+    ray_pods = {"matchLabels": {SERVICE_LABEL: spec.name, **KUBERAY_CREATED_BY}}
+    head = {"matchLabels": {SERVICE_LABEL: spec.name, ROLE_LABEL: "head", **KUBERAY_CREATED_BY}}
 
     def namespace(name: str) -> dict[str, Any]:
         return {"matchLabels": {"kubernetes.io/metadata.name": name}}

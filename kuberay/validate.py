@@ -39,8 +39,10 @@ LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 CONTROL_PORTS = {6379: "GCS", 8265: "dashboard", 10001: "Ray client"}
 GPU = "nvidia.com/gpu"
 MANAGED_BY = ("ray.io/kuberay-operator", "kueue.x-k8s.io/multikueue")
-# The labels KubeRay puts on every pod it creates, besides the template's own.
-KUBERAY_POD_LABELS = {"app.kubernetes.io/created-by": "kuberay-operator", "app.kubernetes.io/name": "kuberay"}
+# The labels KubeRay puts on every pod it creates, besides the template's own; the renderer selects this
+# RayService's pods by the first (with the service label).
+KUBERAY_CREATED_BY = {"app.kubernetes.io/created-by": "kuberay-operator"}
+KUBERAY_POD_LABELS = {**KUBERAY_CREATED_BY, "app.kubernetes.io/name": "kuberay"}
 # A worker group without maxReplicas gets the CRD default.
 UNBOUNDED = 2147483647
 

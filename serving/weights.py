@@ -186,9 +186,10 @@ def prefetch(source: str, cache_dir: Union[str, Path], digest_dir: Union[str, Pa
             manifest = verify_entry(entry, "sha256")
             # Whole is not enough: the entry must be the source's files (a writer of the cache could have
             # replaced weights and manifest together).
-            if manifest_digest(manifest["files"]) != manifest_digest(_source_files(src)):
+            digest = manifest_digest(manifest["files"])
+            if digest != manifest_digest(_source_files(src)):
                 raise CacheCorrupt(f"{entry}: differs from its source {src}")
-            _record_digest(digest_dir, entry, manifest_digest(manifest["files"]))
+            _record_digest(digest_dir, entry, digest)
             return entry
         except CacheCorrupt:
             _move_aside(entry)
