@@ -37,16 +37,17 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol
 
-from serving.errors import ModelNotReady, Overloaded, RequestTooLargeForDevice, is_oom
+from serving.errors import Overloaded, RequestTooLargeForDevice, is_oom
+from serving.gpu import OomLog
 
 logger = logging.getLogger("ray.serve")
 
 __all__ = [
     "Finished",
+    "HeldBack",
     "GenerationScheduler",
     "Sequence",
     "StepObserver",
@@ -79,6 +80,30 @@ def safe_prefix_len(text: str, stops: list[str]) -> int:
     return len(text) - hold
 
 
+class HeldBack:
+    """Text shown as it is made, holding back a tail that may be the start of a stop sequence; the text ends
+    at the first stop sequence, which is never shown. Both generation paths show their streams through it."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.text, self.shown = stops, "", 0
+
+    def add(self, piece: str) -> tuple[str, bool]:
+        """Append generated text: (what is now safe to show, whether a stop sequence ended the text)."""
+        self.text += piece
+        cut, stopped = cut_at_stop(self.text, self.stops)
+        if stopped:
+            self.text = cut
+            return "", True
+        safe = safe_prefix_len(self.text, self.stops)
+        out, self.shown = self.text[self.shown : safe], max(self.shown, safe)
+        return out, False
+
+    def rest(self) -> str:
+        """What is left to show once the text is over."""
+        out, self.shown = self.text[self.shown :], len(self.text)
+        return out
+
+
 @dataclass
 class Finished:
     """The last event of a sequence: why it ended and how many tokens it generated (the EOS excluded)."""
@@ -106,12 +131,10 @@ class Sequence:
     incremental: bool = True
     events: "queue.SimpleQueue[Any]" = field(default_factory=queue.SimpleQueue)
     ids: list[int] = field(default_factory=list)
-    text: str = ""
     cancelled: bool = False
     # Incremental detokenisation: text is decoded over ids[_prefix:], with ids[_prefix:_read] already shown.
     _prefix: int = 0
     _read: int = 0
-    _shown: int = 0
     _generator: Any = None
     submitted_s: float = 0.0
     first_token_s: Optional[float] = None
@@ -121,6 +144,14 @@ class Sequence:
     ooms_alone: int = 0
     # An event taken from ``events`` while coalescing text, to be returned next.
     _pending: Any = None
+
+    def __post_init__(self) -> None:
+        self.shown = HeldBack(self.stop)
+
+    @property
+    def text(self) -> str:
+        """The text so far (cut at a stop sequence)."""
+        return self.shown.text
 
     @property
     def peak_tokens(self) -> int:
@@ -161,10 +192,6 @@ class StepObserver(Protocol):
     def step(self, running: int, waiting: int, kv_cache_bytes: int, token_gaps_s: list[float]) -> None:
         """After a step: the sequences running and waiting, the batch's KV-cache bytes, and for each
         sequence that got a further token, the time since its previous one."""
-
-    def oom(self, cause: str) -> None:
-        """An out-of-memory error: ``preempted`` (a batch, recomputed), ``too_large`` (one sequence, 413)
-        or ``persistent`` (one sequence that should fit)."""
 
 
 def kv_bytes_per_token(config: Any, element_bytes: int) -> int:
@@ -211,6 +238,9 @@ class GenerationScheduler:
         free_memory: Frees the device's cached memory after an out-of-memory error.
         prefill_chunk_tokens: Prompts longer than this are prefilled this many tokens an iteration;
             None or 0: every prompt whole.
+        oom_log: The replica's record of out-of-memory errors (:class:`serving.gpu.OomLog`), by cause:
+            ``preempted`` (a batch, recomputed), ``too_large`` (one sequence, 413) or ``persistent`` (one
+            sequence that should fit, counted toward the replica's health); None: a log of its own.
     """
 
     def __init__(
@@ -224,6 +254,7 @@ class GenerationScheduler:
         kv_budget_bytes: Optional[int] = None,
         free_memory: Callable[[], None] = gc.collect,
         prefill_chunk_tokens: Optional[int] = None,
+        oom_log: Optional[OomLog] = None,
     ):
         if max_running < 1:
             raise ValueError(f"max_running ({max_running}) must be >= 1")
@@ -239,10 +270,7 @@ class GenerationScheduler:
         # after every CAP_RECOVERY_STEPS steps without one.
         self._cap = max_running
         self._steps_since_oom = 0
-        self.ooms: dict[str, int] = {"preempted": 0, "too_large": 0, "persistent": 0}
-        self.persistent_oom_s: "deque[float]" = deque(maxlen=1000)
-        # The largest peak (tokens) a sequence has reached and finished with: evidence of what fits.
-        self._largest_ok_tokens = 0
+        self.oom_log = oom_log if oom_log is not None else OomLog(clock)
         self._step_s = 0.0
         self._firsts: list[float] = []
         self._gaps: list[float] = []
@@ -459,7 +487,7 @@ class GenerationScheduler:
         if len(involved) > 1:
             # Load-induced: every sequence goes back first in line, to be prefilled again with what it has.
             self._cap = max(1, len(involved) // 2)
-            self._note_oom("preempted")
+            self.oom_log.note("preempted")
             for s in live:
                 s.preempted += 1
             with self._cv:
@@ -472,36 +500,8 @@ class GenerationScheduler:
                 with self._cv:  # once more, after the cache was freed
                     self._waiting.insert(0, s)
                 continue
-            if s.peak_tokens > self._largest_ok_tokens:
-                self._note_oom("too_large")
-                s.events.put(
-                    RequestTooLargeForDevice(
-                        f"the request ran out of device memory alone, twice, at {len(s.prompt_ids) + len(s.ids)} tokens "
-                        f"(prompt plus max_tokens: {s.peak_tokens}; the largest that completed here: "
-                        f"{self._largest_ok_tokens}); lower max_tokens or shorten the prompt",
-                        param="max_tokens",
-                        code="request_too_large_for_device",
-                    )
-                )
-            else:
-                # As large as sequences that completed here: the device, not the request.
-                self._note_oom("persistent")
-                self.persistent_oom_s.append(self.clock())
-                s.events.put(
-                    ModelNotReady(
-                        f"the device ran out of memory on a request no larger than ones that completed here "
-                        f"({error}); retry, another replica may take it",
-                        code="device_out_of_memory",
-                    )
-                )
-
-    def _note_oom(self, cause: str) -> None:
-        self.ooms[cause] += 1
-        if self.observer is not None:
-            try:
-                self.observer.oom(cause)
-            except Exception as e:  # noqa: BLE001 - metrics must never stop generation
-                logger.warning("gpuserve: the scheduler's observer failed: %s", e)
+            logger.warning("gpuserve: a sequence ran out of memory alone, twice: %s", error)
+            s.events.put(self.oom_log.lone_error(s.peak_tokens, "lower max_tokens or shorten the prompt", "max_tokens"))
 
     def _report(self) -> None:
         firsts, gaps, self._firsts, self._gaps = self._firsts, self._gaps, [], []
@@ -523,7 +523,6 @@ class GenerationScheduler:
         )
 
     def _forward(self, input_ids: Any, mask: Any, cache: Any) -> tuple[Any, Any]:
-        import torch
 
         # Each row's positions count its own tokens: padding takes no position.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
@@ -659,29 +658,27 @@ class GenerationScheduler:
         if window.endswith("\ufffd") and not final:
             return False  # the last token ends inside a character: wait for the rest of it
         shown_before = self.tokenizer.decode(s.ids[s._prefix : s._read], skip_special_tokens=True)
-        s.text += window[len(shown_before) :]
         s._prefix, s._read = s._read, len(s.ids)
-        cut, stopped = cut_at_stop(s.text, s.stop)
+        safe, stopped = s.shown.add(window[len(shown_before) :])
         if stopped:
-            s.text = cut
             self._finish(s, "stop")
             return True
-        safe = safe_prefix_len(s.text, s.stop)
-        if safe > s._shown:
-            s.events.put(s.text[s._shown : safe])
-            s._shown = safe
+        if safe:
+            s.events.put(safe)
         return False
 
     def _finish(self, s: Sequence, reason: str) -> None:
         if not s.incremental:
-            s.text = cut_at_stop(self.tokenizer.decode(s.ids, skip_special_tokens=True), s.stop)[0]
+            safe, _ = s.shown.add(self.tokenizer.decode(s.ids, skip_special_tokens=True))
+            if safe:
+                s.events.put(safe)
         elif s._read < len(s.ids) and self._emit(s, final=True):
             return  # the held-back tail held a stop sequence: _emit finished it
-        if len(s.text) > s._shown:
-            s.events.put(s.text[s._shown :])
-            s._shown = len(s.text)
+        rest = s.shown.rest()
+        if rest:
+            s.events.put(rest)
         s.events.put(Finished(reason, len(s.ids)))
-        self._largest_ok_tokens = max(self._largest_ok_tokens, len(s.prompt_ids) + len(s.ids))
+        self.oom_log.completed(len(s.prompt_ids) + len(s.ids))
         s.ids = None  # type: ignore[assignment] - marks it for removal from the batch
 
     def _drop(self, gone: Callable[[Sequence], bool]) -> None:

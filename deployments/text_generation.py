@@ -24,13 +24,13 @@ from serving.task import Task, parse_body
 from deployments._scheduler import (
     Finished,
     GenerationScheduler,
+    HeldBack,
     Sequence,
     cut_at_stop,
     kv_bytes_per_token,
-    safe_prefix_len,
     supports,
 )
-from serving.errors import InvalidRequest
+from serving.errors import InvalidRequest, is_oom
 from serving.gpu import free_cache_for, memory_budget_bytes
 
 logger = logging.getLogger("ray.serve")
@@ -228,6 +228,9 @@ class CausalLM:
         )
         # Monotonic time of the last token generated on the static path (liveness by progress).
         self.last_token_s: Optional[float] = None
+        # One generation on the device at a time: the model thread's batches and every stream take it, so
+        # N streams are never N generations at once beside a batch (and outside its memory guard).
+        self.device_lock = threading.Lock()
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a prompt, special tokens included (a BOS where the model wants one)."""
@@ -306,8 +309,8 @@ class CausalLM:
         import torch
 
         enc = self._inputs(prompts)
-        self._seed(seed)
-        with torch.inference_mode():
+        with self.device_lock, torch.inference_mode():
+            self._seed(seed)
             out = self.model.generate(
                 **enc, stopping_criteria=self._progress_criteria(), **self._gen_kwargs(max(max_new_tokens), temperature, top_p)
             )
@@ -360,8 +363,8 @@ class CausalLM:
 
         def _run() -> None:
             try:
-                self._seed(seed)
-                with torch.inference_mode():
+                with self.device_lock, torch.inference_mode():
+                    self._seed(seed)
                     self.model.generate(
                         **enc, streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled()]), **kw
                     )
@@ -392,6 +395,7 @@ class TextGenerationTask(Task[CompletionItem]):
         self.model = self.lm.model
         self.max_positions = min(self.spec.model.max_input_tokens or self.lm.max_positions, self.lm.max_positions)
         self.scheduler: Optional[GenerationScheduler] = None
+        self._free_cache = free_cache_for(self.device)
         self.scheduler_mode = resolve_scheduler(self.spec.generation.scheduler, self.device)
         if self.scheduler_mode == "iteration":
             why_not = supports(self.model)
@@ -406,8 +410,9 @@ class TextGenerationTask(Task[CompletionItem]):
                     self.spec.generation.max_running_sequences,
                     kv_bytes_per_token=kv_bytes_per_token(self.model.config, element),
                     kv_budget_bytes=self._kv_budget_bytes(),
-                    free_memory=free_cache_for(self.device),
+                    free_memory=self._free_cache,
                     prefill_chunk_tokens=resolve_prefill_chunk(self.spec.generation.prefill_chunk_tokens, self.device),
+                    oom_log=self.oom_log,
                 )
 
     def _kv_budget_bytes(self) -> Optional[int]:
@@ -421,19 +426,6 @@ class TextGenerationTask(Task[CompletionItem]):
         left = memory_budget_bytes("cuda", self.spec.memory.high_water_ratio) - torch.cuda.memory_allocated()
         # The rest is for activations (a prefill's logits and attention) and fragmentation.
         return max(0, int(0.8 * left))
-
-    def health(self) -> None:
-        super().health()
-        if self.scheduler is not None:
-            mem = self.spec.memory
-            now = time.monotonic()
-            recent = [t for t in list(self.scheduler.persistent_oom_s) if now - t <= mem.oom_window_s]
-            if len(recent) > mem.max_ooms_in_window:
-                raise RuntimeError(
-                    f"{len(recent)} out-of-memory errors in {mem.oom_window_s:.0f} s on sequences no larger than "
-                    f"ones that completed here (limit {mem.max_ooms_in_window}, memory.max_ooms_in_window): the "
-                    "device, not the requests"
-                )
 
     def set_observer(self, observer: Any) -> None:
         # Token-level metrics come from the iteration scheduler (the static path reports none).
@@ -624,23 +616,45 @@ class TextGenerationTask(Task[CompletionItem]):
             finally:
                 # The client left (the generator closed): the sequence leaves the batch at the next step.
                 seq.cancel()
-        text, shown, reason = "", 0, "length"
-        pieces = self.lm.stream(item.prompt_ids, item.max_tokens, item.temperature, item.top_p, cancel, stats, item.seed)
-        for piece in pieces:
-            text += piece
-            cut, stopped = cut_at_stop(text, item.stop)
+        # The static path: one generate for the stream, under the device lock. An out-of-memory error before
+        # any text is shown is retried once on the freed cache; after that, or twice, it is classified in the
+        # replica's OomLog like a batch's (413 too large, or the device's trouble).
+        shown_any = False
+        for attempt in (1, 2):
+            try:
+                for text, reason in self._static_deltas(item, _Attempt(cancel), stats):
+                    shown_any = shown_any or bool(text)
+                    yield text, reason
+                self.oom_log.completed(item.prompt_tokens + int(stats.get("new_tokens", 0)))
+                return
+            except Exception as e:
+                if not is_oom(e):
+                    raise
+            # Freed outside the handler: a live exception's traceback pins the failed attempt's tensors.
+            self._free_cache()
+            if shown_any or attempt == 2:
+                raise self.oom_log.lone_error(
+                    item.prompt_tokens + item.max_tokens,
+                    "lower max_tokens or shorten the prompt",
+                    "max_tokens",
+                    retried=attempt == 2,
+                )
+
+    def _static_deltas(self, item: CompletionItem, cancel: Any, stats: dict[str, Any]) -> Iterator[tuple[str, Optional[str]]]:
+        """One attempt at a stream on the static path, its stop sequences held back."""
+        held, reason = HeldBack(item.stop), "length"
+        for piece in self.lm.stream(item.prompt_ids, item.max_tokens, item.temperature, item.top_p, cancel, stats, item.seed):
+            safe, stopped = held.add(piece)
             if stopped:
-                text, reason = cut, "stop"
+                reason = "stop"
                 cancel.set()
                 break
-            safe = safe_prefix_len(text, item.stop)
-            if safe > shown:
-                yield text[shown:safe], None
-                shown = safe
+            if safe:
+                yield safe, None
         else:
             if stats.get("ended_on_eos"):
                 reason = "stop"
-        yield text[shown:], reason
+        yield held.rest(), reason
 
     def stream(self, item: CompletionItem, cancel: threading.Event) -> Iterator[dict[str, Any]]:
         head = self._envelope(item, self._new_id(item), int(time.time()))
@@ -699,9 +713,22 @@ class TextGenerationTask(Task[CompletionItem]):
                 kv_cache_bytes=sched.kv_cache_bytes(),
                 kv_budget_bytes=sched.kv_budget_bytes,
                 kv_bytes_per_token=sched.kv_bytes_per_token,
-                ooms=dict(sched.ooms),
+                ooms=dict(self.oom_log.counts),
             )
         return facts
+
+
+class _Attempt:
+    """The cancel flag of one attempt at a static stream: set when the attempt ends, or by the client."""
+
+    def __init__(self, client: threading.Event):
+        self.client, self.own = client, threading.Event()
+
+    def is_set(self) -> bool:
+        return self.own.is_set() or self.client.is_set()
+
+    def set(self) -> None:
+        self.own.set()
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

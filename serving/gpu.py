@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections import Counter, deque
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 __all__ = [
     "free_cache_for",
+    "OomLog",
     "memory_budget_bytes",
     "AllocatorSample",
     "DeviceMemoryError",
@@ -290,3 +293,92 @@ def free_cache_for(device: str):
 
         return free
     return gc.collect
+
+
+class OomLog:
+    """A replica's record of its out-of-memory errors, shared by every path that runs its model.
+
+    Two facts decide what an out-of-memory error means. The largest request that completed here is the
+    evidence of what the device holds: a request that runs out of memory alone (twice: once more after the
+    cache was freed) and is larger than that is too large (413, never held against the replica); one no
+    larger is the device's trouble (``persistent``). More persistent errors than ``max_ooms`` within
+    ``window_s`` mark the replica unhealthy, so Serve replaces it. Errors of a batch (``split``, ``preempted``)
+    are load, recovered by running less at once, and are only counted.
+
+    Args:
+        clock: Monotonic seconds.
+        window_s: The window for counting persistent errors (``memory.oom_window_s``).
+        max_ooms: More persistent errors than this in the window mark the replica unhealthy
+            (``memory.max_ooms_in_window``).
+        on_oom: Told the kind of every error (metrics); settable later.
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        window_s: float = 300.0,
+        max_ooms: int = 5,
+        on_oom: Optional[Callable[[str], None]] = None,
+    ):
+        self.clock, self.window_s, self.max_ooms, self.on_oom = clock, window_s, max_ooms, on_oom
+        self.counts: Counter[str] = Counter()
+        self.largest_ok_tokens = 0
+        self._persistent: deque[float] = deque()
+
+    def completed(self, tokens: int) -> None:
+        """A request of this many tokens (at its peak) completed: the device holds that much."""
+        self.largest_ok_tokens = max(self.largest_ok_tokens, tokens)
+
+    def note(self, kind: str) -> None:
+        """Count an error of ``kind`` and tell ``on_oom``."""
+        self.counts[kind] += 1
+        if self.on_oom is not None:
+            try:
+                self.on_oom(kind)
+            except Exception as e:  # noqa: BLE001 - metrics must never break recovery
+                logger.warning("gpuserve: the out-of-memory observer failed: %s", e)
+
+    def lone_error(self, tokens: int, fix: str, param: Optional[str] = None, retried: bool = True) -> Exception:
+        """The error for a request of ``tokens`` (at its peak) that ran out of memory alone, twice (or once,
+        ``retried`` False, where a retry was impossible: a stream that had shown text).
+
+        Returns a 413 (``too_large``) when it is larger than any request that completed here, else a 503
+        (``persistent``, counted toward the replica's health). ``fix`` tells the client what to change.
+        """
+        from serving.errors import ModelNotReady, RequestTooLargeForDevice
+
+        if tokens > self.largest_ok_tokens:
+            self.note("too_large")
+            return RequestTooLargeForDevice(
+                f"the request ran out of device memory alone{', twice,' if retried else ''} at a peak of {tokens} "
+                f"tokens (the largest that completed here: {self.largest_ok_tokens}); {fix}",
+                param=param,
+                code="request_too_large_for_device",
+            )
+        self.note("persistent")
+        now = self.clock()
+        self._persistent.append(now)
+        logger.warning("gpuserve: out of memory on a request that fits (%d in the last %.0f s)", self.recent(), self.window_s)
+        return ModelNotReady(
+            f"the device ran out of memory on a request of {tokens} tokens, no larger than ones that completed "
+            "here; retry, another replica may take it",
+            code="device_out_of_memory",
+        )
+
+    def recent(self) -> int:
+        """Persistent errors within the window."""
+        now = self.clock()
+        while self._persistent and self._persistent[0] < now - self.window_s:
+            self._persistent.popleft()
+        return len(self._persistent)
+
+    def unhealthy_reason(self) -> Optional[str]:
+        """Why the replica should be replaced, or None."""
+        n = self.recent()
+        if n > self.max_ooms:
+            return (
+                f"{n} out-of-memory errors in the last {self.window_s:.0f} s (limit {self.max_ooms}) on "
+                "requests no larger than ones that completed here: the device, not the requests "
+                "(memory.max_ooms_in_window); replace the replica"
+            )
+        return None

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Generic, Iterator, Optional, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from serving.errors import InvalidRequest, ModelNotFound
+from serving.gpu import OomLog
 from serving.spec import ModelDeployment
 from serving.weights import resolve_model_path
 
@@ -152,6 +153,9 @@ class Task(ABC, Generic[ItemT]):
             self.model_dir = resolve_model_path(spec.model.path)
         self.device = pick_device(spec.model.device)
         self.dtype = pick_dtype(spec.model.dtype, self.device)
+        # The replica's one record of out-of-memory errors: the serving layer's batches and the task's own
+        # paths (streams, a scheduler) classify theirs into it, and health() reads it.
+        self.oom_log = OomLog(window_s=spec.memory.oom_window_s, max_ooms=spec.memory.max_ooms_in_window)
         if self.device == "cuda":
             self._check_device_memory()
         self.load()
@@ -250,9 +254,13 @@ class Task(ABC, Generic[ItemT]):
             )
 
     def health(self) -> None:
-        """Raise if the model can no longer serve (cheap; called by Serve's health check)."""
+        """Raise if the model can no longer serve (cheap; called by Serve's health check). An override
+        calls ``super().health()``: it checks the device and the persistent out-of-memory errors."""
         if getattr(self, "model", None) is None:
             raise RuntimeError("model is not loaded")
+        reason = self.oom_log.unhealthy_reason()
+        if reason is not None:
+            raise RuntimeError(reason)
         if self.device == "cuda":
             import torch
 

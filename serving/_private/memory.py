@@ -9,7 +9,7 @@ current RSS after the work is the best available figure (``exact`` says so).
 from __future__ import annotations
 
 import os
-from typing import Optional, Protocol
+from typing import Protocol
 
 # The budget and cache freeing are public (tasks size their own caches with them); re-exported here for the
 # replica's code.

@@ -171,9 +171,6 @@ class GenerationMetrics:
         self._last = (running, waiting, kv_cache_bytes)
         self._record_gauges()
 
-    def oom(self, cause: str) -> None:
-        record_oom(self.tags["deployment"], self.tags["replica"], cause)
-
     def _record_gauges(self) -> None:
         running, waiting, kv = self._last
         self._sequences.set(running, {**self.tags, "state": "running"})

@@ -15,17 +15,18 @@ every branch is tested with injected OOMs on the CPU and the same code runs on a
 * **OOM, persistent**: a single request no larger than ones that completed here that fails alone twice:
   the device, not the request (503, retried elsewhere). Only these count: more than ``max_ooms`` in
   ``window_s`` and the replica reports unhealthy, so Serve replaces it. Load-induced OOMs (split) and
-  too-large requests never do.
+  too-large requests never do. The record is the replica's :class:`serving.gpu.OomLog`, which the task's
+  own paths (its streams, its generation scheduler) share.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-from serving.errors import ModelNotReady, RequestTooLargeForDevice, is_oom
+from serving.errors import RequestTooLargeForDevice, is_oom
+from serving.gpu import OomLog
 
 logger = logging.getLogger("ray.serve")
 
@@ -87,10 +88,13 @@ class BatchRunner:
         model: The fitted memory model, or None (no admission by prediction).
         budget_bytes: Bytes a batch's peak may reach, or None (no budget known).
         free_cache: Frees cached device memory after an OOM (``torch.cuda.empty_cache`` on CUDA).
-        clock: Monotonic seconds.
-        window_s: The window for counting OOMs.
-        max_ooms: More OOMs than this in the window mark the replica unhealthy.
-        on_oom: Called with the OOM's kind (``split``, ``too_large`` or ``persistent``) for metrics.
+        clock: Monotonic seconds (for a log of its own).
+        window_s: The window for counting OOMs (for a log of its own).
+        max_ooms: More OOMs than this in the window mark the replica unhealthy (for a log of its own).
+        on_oom: Called with the OOM's kind (``split``, ``too_large`` or ``persistent``) for metrics (for a
+            log of its own).
+        oom_log: The replica's :class:`serving.gpu.OomLog`, shared with the task's own paths (its streams,
+            its scheduler); None: a log of its own from the four arguments above.
     """
 
     def __init__(
@@ -103,17 +107,14 @@ class BatchRunner:
         clock: Callable[[], float],
         window_s: float = 300.0,
         max_ooms: int = 5,
-        on_oom: Callable[[str], None] = lambda kind: None,
+        on_oom: Optional[Callable[[str], None]] = None,
+        oom_log: Optional[OomLog] = None,
     ):
         self.run_batch, self.tokens_of = run_batch, tokens_of
         self.model, self.budget_bytes = model, budget_bytes
         self.free_cache, self.clock = free_cache, clock
-        self.window_s, self.max_ooms, self.on_oom = window_s, max_ooms, on_oom
-        # The persistent OOMs (the ones that count toward the replica's health) in the window.
-        self._ooms: deque[float] = deque()
+        self.oom_log = oom_log if oom_log is not None else OomLog(clock, window_s, max_ooms, on_oom)
         self.oom_total = 0
-        # The most tokens a request had that completed: evidence of what the device holds.
-        self.largest_ok_tokens = 0
 
     # -- admission -------------------------------------------------------------------------
 
@@ -169,7 +170,7 @@ class BatchRunner:
         oom = False
         try:
             values = self.run_batch(items)
-            self.largest_ok_tokens = max([self.largest_ok_tokens, *map(self.tokens_of, items)])
+            self.oom_log.completed(max(map(self.tokens_of, items), default=0))
             return [Outcome(v) for v in values]
         except Exception as e:  # noqa: BLE001 - classified here, reported per item
             if not is_oom(e) and len(items) == 1:
@@ -184,7 +185,7 @@ class BatchRunner:
                 if retry_alone:  # once more, on the freed cache
                     return self._run(items, retry_alone=False)
                 return [Outcome(error=self._lone_oom(self.tokens_of(items[0])))]
-            self.on_oom("split")
+            self.oom_log.note("split")
             mid = len(items) // 2
             return self._run(items[:mid]) + self._run(items[mid:])
         # A non-memory failure of a batch: one by one, so only the item at fault gets the error.
@@ -192,38 +193,11 @@ class BatchRunner:
 
     def _lone_oom(self, tokens: int) -> BaseException:
         """A request that ran out of memory alone, twice: too large (413), or the device's trouble (503)."""
-        if tokens > self.largest_ok_tokens:
-            self.on_oom("too_large")
-            limit = f"{self.budget_bytes / 2**20:.0f} MiB" if self.budget_bytes else "the device's memory"
-            return RequestTooLargeForDevice(
-                f"this request ({tokens} tokens) ran out of device memory on its own (limit {limit}; the largest "
-                f"request that completed here had {self.largest_ok_tokens} tokens); send a shorter input or a "
-                "smaller max_tokens",
-                code="request_too_large_for_device",
-            )
-        self.on_oom("persistent")
-        self._record_oom()
-        return ModelNotReady(
-            f"the device ran out of memory on a request of {tokens} tokens, no larger than ones that completed "
-            "here; retry, another replica may take it",
-            code="device_out_of_memory",
+        limit = f"{self.budget_bytes / 2**20:.0f} MiB" if self.budget_bytes else "the device's memory"
+        return self.oom_log.lone_error(
+            tokens, f"this replica's limit is {limit}; send a shorter input, fewer inputs or a smaller max_tokens"
         )
-
-    def _record_oom(self) -> None:
-        now = self.clock()
-        self._ooms.append(now)
-        while self._ooms and self._ooms[0] < now - self.window_s:
-            self._ooms.popleft()
-        logger.warning("gpuserve: out of memory (%d in the last %.0f s)", len(self._ooms), self.window_s)
 
     def unhealthy_reason(self) -> Optional[str]:
         """Why the replica should be replaced, or None: too many OOMs within the window."""
-        now = self.clock()
-        while self._ooms and self._ooms[0] < now - self.window_s:
-            self._ooms.popleft()
-        if len(self._ooms) > self.max_ooms:
-            return (
-                f"{len(self._ooms)} out-of-memory errors in the last {self.window_s:.0f} s (limit {self.max_ooms}): "
-                "the device's memory is not recovering; replace the replica"
-            )
-        return None
+        return self.oom_log.unhealthy_reason()

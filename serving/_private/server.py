@@ -117,10 +117,9 @@ class ModelServer(OpenAIRoutes):
             memory_budget_bytes(self.task.device, mem.high_water_ratio, self.spec.resources.memory_bytes),
             free_cache_for(self.task.device),
             time.monotonic,
-            window_s=mem.oom_window_s,
-            max_ooms=mem.max_ooms_in_window,
-            on_oom=lambda kind: record_oom(self.spec.name, self.replica_id, kind),
+            oom_log=self.task.oom_log,
         )
+        self.task.oom_log.on_oom = lambda kind: record_oom(self.spec.name, self.replica_id, kind)
         if self.task.runs_concurrently:
             # A task with its own step scheduler generates tokens: time them.
             self.task.set_observer(GenerationMetrics(self.spec.name, self.replica_id, self.spec.generation.ttft_slo_s))
@@ -379,12 +378,17 @@ class ModelServer(OpenAIRoutes):
         Cheap but real: the model must be loaded, the device must answer, and the
         request path must be making progress.
         """
-        self.task.health()
+        try:
+            # The model, the device, and the persistent out-of-memory errors (the replica's OomLog).
+            self.task.health()
+        except Exception as e:
+            logger.error("gpuserve: replica %s unhealthy: %s", self.replica_id, e)
+            raise
         # Liveness by progress: a generated token is progress, however long its request runs.
         progress_s = self.task.progress_s()
         if progress_s is not None:
             self.watchdog.progress(progress_s)
-        reason = self.watchdog.check(time.monotonic()) or self.runner.unhealthy_reason()
+        reason = self.watchdog.check(time.monotonic())
         if reason is not None:
             logger.error("gpuserve: replica %s unhealthy: %s", self.replica_id, reason)
             raise RuntimeError(reason)

@@ -55,7 +55,7 @@ class Record:
     """A step observer that keeps what the scheduler tells it."""
 
     def __init__(self):
-        self.firsts, self.gaps, self.kv, self.states, self.causes = [], [], [], [], []
+        self.firsts, self.gaps, self.kv, self.states = [], [], [], []
 
     def first_tokens(self, ttfts_s):
         self.firsts += ttfts_s
@@ -64,9 +64,6 @@ class Record:
         self.gaps += token_gaps_s
         self.kv.append(kv_cache_bytes)
         self.states.append((running, waiting))
-
-    def oom(self, cause):
-        self.causes.append(cause)
 
 
 def seq(lm, prompt, max_tokens, incremental=False):
@@ -386,7 +383,7 @@ def test_an_oom_in_a_batch_preempts_it_and_every_request_still_gets_its_own_text
         sched.close()
     want = static.run_batch([static.parse("completions", b) for b in bodies()])
     assert texts == [w["choices"][0]["text"] for w in want]
-    assert set(seen.causes) == {"preempted"} and sched.ooms["preempted"] >= 1 and sched.ooms["persistent"] == 0
+    assert set(sched.oom_log.counts) == {"preempted"} and sched.oom_log.counts["preempted"] >= 1
 
 
 def test_a_lone_request_too_large_for_the_device_is_a_413_and_not_counted_against_the_replica(iteration):
@@ -400,7 +397,7 @@ def test_a_lone_request_too_large_for_the_device_is_a_413_and_not_counted_agains
         with pytest.raises(RequestTooLargeForDevice) as ei:
             sched.result(sched.submit(seq(lm, "Once", 60)))
         assert http_status_for(ei.value) == 413 and "alone, twice" in str(ei.value)
-        assert sched.ooms["too_large"] == 1 and sched.ooms["persistent"] == 0 and not sched.persistent_oom_s
+        assert sched.oom_log.counts == {"too_large": 1} and sched.oom_log.recent() == 0
         # The replica goes on serving.
         assert sched.result(sched.submit(seq(lm, "GPU", 5)))[1].completion_tokens == 5
     finally:
@@ -428,7 +425,7 @@ def test_ooms_on_requests_no_larger_than_served_ones_are_the_devices_and_fail_it
             with pytest.raises(ModelNotReady) as ei:
                 task.run_batch([task.parse("completions", body)])
             assert http_status_for(ei.value) == 503 and ei.value.code == "device_out_of_memory"
-        assert task.scheduler.ooms["persistent"] == 2
+        assert task.oom_log.counts["persistent"] == 2 and task.scheduler.oom_log is task.oom_log
         with pytest.raises(RuntimeError, match="2 out-of-memory errors .* the device, not the requests"):
             task.health()
     finally:
@@ -531,7 +528,7 @@ def test_an_oom_while_a_long_prompt_is_read_in_chunks_preempts_it_with_the_batch
         texts = [sched.result(s)[0] for s in got]
     finally:
         sched.close()
-    assert fired and seen.causes == ["preempted"]
+    assert fired and sched.oom_log.counts == {"preempted": 1}
     assert texts == want
 
 
@@ -555,3 +552,94 @@ def test_a_stream_that_fell_behind_gets_the_queued_text_in_one_event_and_nothing
     while not isinstance(ev := sched.next_event(t), Finished):
         pieces.append(ev)
     assert "".join(pieces) == first and len(pieces) > 1
+
+
+# -- the static path (models the scheduler cannot run): streams under the same guard as batches -------------
+
+
+class CountForwards:
+    """Wraps a model's forward: counts the passes running at once (each made slow enough to overlap), and
+    raises torch's out-of-memory error, as CUDA does, while ``oom_left`` is above 0."""
+
+    def __init__(self, model, step_s=0.01):
+        self.model, self.forward, self.step_s = model, model.forward, step_s
+        self.lock, self.now, self.most, self.oom_left = threading.Lock(), 0, 0, 0
+
+    def __call__(self, *args, **kw):
+        import torch
+
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+            oom = self.oom_left > 0
+            self.oom_left -= oom
+        try:
+            if oom:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
+            time.sleep(self.step_s)
+            return self.forward(*args, **kw)
+        finally:
+            with self.lock:
+                self.now -= 1
+
+
+@pytest.fixture
+def static_counted(tiny_lm_dir):
+    task = make_task(tiny_lm_dir, "static")
+    counted = CountForwards(task.lm.model)
+    task.lm.model.forward = counted
+    return task, counted
+
+
+def test_static_streams_and_batches_share_the_device_one_generation_at_a_time(static_counted):
+    # Issue 15: on the static path each stream ran a generate of its own, beside the model thread's batches
+    # and the other streams, outside the memory guard: N streams were N generations on the device at once.
+    task, counted = static_counted
+    body = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0}
+    want = task.run_batch([task.parse("completions", body)])[0]["choices"][0]["text"]
+    texts, errors = [], []
+
+    def streamed():
+        try:
+            chunks = task.stream(task.parse("completions", {**body, "stream": True}), threading.Event())
+            texts.append("".join(c["choices"][0]["text"] for c in chunks))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def batched():
+        texts.append(task.run_batch([task.parse("completions", body)])[0]["choices"][0]["text"])
+
+    threads = [threading.Thread(target=f) for f in (streamed, streamed, streamed, batched)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and texts == [want] * 4
+    assert counted.most == 1
+
+
+def test_an_oom_in_a_static_stream_is_freed_retried_once_and_classified_in_the_replicas_log(static_counted):
+    from serving.errors import RequestTooLargeForDevice, http_status_for
+
+    task, counted = static_counted
+    body = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "stream": True}
+    want = task.run_batch([task.parse("completions", {**body, "stream": False})])[0]["choices"][0]["text"]
+
+    def stream_text(**over):
+        chunks = task.stream(task.parse("completions", {**body, **over}), threading.Event())
+        return "".join(c["choices"][0]["text"] for c in chunks)
+
+    counted.oom_left = 1  # a passing failure: once more on the freed cache, and the client sees only its text
+    assert stream_text() == want
+    assert sum(task.oom_log.counts.values()) == 0
+    counted.oom_left = 2  # alone, twice, and larger than anything that completed here: 413, not the device's fault
+    with pytest.raises(RequestTooLargeForDevice) as ei:
+        stream_text(max_tokens=100)
+    assert http_status_for(ei.value) == 413 and "alone, twice" in str(ei.value)
+    assert task.oom_log.counts == {"too_large": 1} and task.oom_log.recent() == 0
+    counted.oom_left = 2  # as large as one that completed: the device's trouble, counted for its health
+    with pytest.raises(Exception) as ei:
+        stream_text()
+    assert http_status_for(ei.value) == 503 and ei.value.code == "device_out_of_memory"
+    assert task.oom_log.counts["persistent"] == 1 and task.oom_log.recent() == 1
+    assert stream_text() == want  # and the replica goes on serving

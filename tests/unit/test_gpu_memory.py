@@ -261,7 +261,7 @@ def test_persistent_ooms_mark_the_replica_unhealthy_until_the_window_passes():
         return echo(items)
 
     r = runner(run, max_ooms=2, clock=lambda: t["now"])
-    r.on_oom = kinds.append
+    r.oom_log.on_oom = kinds.append
     assert r.run([Item("x")])[0].value == "x"  # a request of 10 tokens completed here
     device["broken"] = True
     for k in range(3):
@@ -284,7 +284,7 @@ def test_requests_too_large_for_the_device_get_413_and_never_count_against_the_r
         return echo(items)
 
     r = runner(run, max_ooms=2)
-    r.on_oom = kinds.append
+    r.oom_log.on_oom = kinds.append
     assert r.run([Item("small")])[0].value == "small"
     for _ in range(10):  # far more than max_ooms, within the window
         assert isinstance(r.run([Item("huge", tokens=5000)])[0].error, RequestTooLargeForDevice)
@@ -366,3 +366,28 @@ def test_memory_spec_rejects_bad_settings_by_field(memory, match):
 
     with pytest.raises(ValidationError, match=match):
         MemorySpec(**memory)
+
+
+def test_one_log_counts_each_paths_persistent_errors_once_toward_the_replicas_health():
+    # The replica's batches and its task's own paths (a generation scheduler, streams) share one OomLog:
+    # one error on each is two in the window, and neither path counts the other's again.
+    from serving.gpu import OomLog
+
+    t = {"now": 0.0}
+    log = OomLog(clock=lambda: t["now"], window_s=60.0, max_ooms=1)
+    device = {"broken": False}
+
+    def run(items):
+        if device["broken"]:
+            raise oom()
+        return echo(items)
+
+    r = BatchRunner(run, lambda it: it.tokens, None, None, lambda: None, lambda: 0.0, oom_log=log)
+    assert r.run([Item("x")])[0].value == "x" and log.largest_ok_tokens == 10
+    device["broken"] = True
+    assert r.run([Item("x")])[0].error.code == "device_out_of_memory"
+    assert log.unhealthy_reason() is None
+    assert log.lone_error(10, "fix").code == "device_out_of_memory"  # as the scheduler classifies its own
+    assert log.counts == {"persistent": 2} and "2 out-of-memory errors" in log.unhealthy_reason()
+    t["now"] = 61.0
+    assert log.unhealthy_reason() is None

@@ -4,7 +4,8 @@ import threading
 
 import pytest
 
-from deployments.text_generation import TextGenerationTask, cut_at_stop, safe_prefix_len
+from deployments._scheduler import HeldBack, cut_at_stop, safe_prefix_len
+from deployments.text_generation import TextGenerationTask
 from serving import ModelDeployment, ModelSource
 from serving.errors import InvalidRequest
 
@@ -242,3 +243,13 @@ def test_safe_prefix_holds_back_a_partial_stop():
     assert safe_prefix_len("hello wor", ["world"]) == len("hello ")
     assert safe_prefix_len("hello", ["xyz"]) == 5
     assert safe_prefix_len("hello", []) == 5
+
+
+def test_held_back_text_never_shows_what_a_stop_sequence_removes():
+    held = HeldBack(["STOP"])
+    assert held.add("hello ST") == ("hello ", False)
+    assert held.add("O") == ("", False)
+    assert held.add("P and more") == ("", True)
+    assert held.text == "hello " and held.rest() == ""
+    free = HeldBack(["STOP"])
+    assert free.add("hi S") == ("hi ", False) and free.add("ay") == ("Say", False) and free.rest() == ""
