@@ -12,6 +12,7 @@ shows text that a stop sequence later removes.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -42,6 +43,8 @@ MAX_STOP_SEQUENCES = 4
 WARMUP_NEW_TOKENS = 4
 # OpenAI's default for /v1/completions; chat's default is the rest of the context.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+# How long a static stream's consumer waits for the next piece before it checks that its generate still runs.
+STREAM_POLL_S = 1.0
 
 
 class StreamOptions(BaseModel):
@@ -357,13 +360,16 @@ class CausalLM:
                 stats["ended_on_eos"] = bool(input_ids[0, -1].item() == eos)
                 return cancel.is_set()
 
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=STREAM_POLL_S)
         kw = self._gen_kwargs(max_new_tokens, temperature, top_p)
         errors: list[BaseException] = []
 
         def _run() -> None:
             try:
                 with self.device_lock, torch.inference_mode():
+                    if cancel.is_set():  # the client left while it waited for the device: nothing to run
+                        streamer.end()
+                        return
                     self._seed(seed)
                     self.model.generate(
                         **enc, streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled()]), **kw
@@ -374,8 +380,19 @@ class CausalLM:
 
         worker = threading.Thread(target=_run, name="gpuserve-generate", daemon=True)
         worker.start()
+        pieces = iter(streamer)
         try:
-            for piece in streamer:
+            while True:
+                try:
+                    piece = next(pieces)
+                except StopIteration:
+                    break
+                except queue.Empty:
+                    # Nothing for a while: the stream may wait for the device behind other generations, as
+                    # long as they take; only a generate that is gone without a word ends it.
+                    if worker.is_alive():
+                        continue
+                    break
                 if piece:
                     yield piece
         finally:

@@ -563,12 +563,13 @@ class CountForwards:
 
     def __init__(self, model, step_s=0.01):
         self.model, self.forward, self.step_s = model, model.forward, step_s
-        self.lock, self.now, self.most, self.oom_left = threading.Lock(), 0, 0, 0
+        self.lock, self.now, self.most, self.oom_left, self.calls = threading.Lock(), 0, 0, 0, 0
 
     def __call__(self, *args, **kw):
         import torch
 
         with self.lock:
+            self.calls += 1
             self.now += 1
             self.most = max(self.most, self.now)
             oom = self.oom_left > 0
@@ -643,3 +644,39 @@ def test_an_oom_in_a_static_stream_is_freed_retried_once_and_classified_in_the_r
     assert http_status_for(ei.value) == 503 and ei.value.code == "device_out_of_memory"
     assert task.oom_log.counts["persistent"] == 1 and task.oom_log.recent() == 1
     assert stream_text() == want  # and the replica goes on serving
+
+
+def test_a_static_stream_waits_for_the_device_as_long_as_it_takes_and_leaves_unrun_if_its_client_goes(static_counted, monkeypatch):
+    import deployments.text_generation as tg
+
+    task, counted = static_counted
+    monkeypatch.setattr(tg, "STREAM_POLL_S", 0.1)
+    body = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "stream": True}
+    want = task.run_batch([task.parse("completions", {**body, "stream": False})])[0]["choices"][0]["text"]
+    counted.calls = 0
+    assert "".join(c["choices"][0]["text"] for c in task.stream(task.parse("completions", body), threading.Event())) == want
+    one_stream = counted.calls
+    counted.calls = 0
+    with task.lm.device_lock:  # a long generation holds the device, longer than the consumer's poll
+        out, errors = [], []
+
+        def streamed():
+            try:
+                chunks = task.stream(task.parse("completions", body), threading.Event())
+                out.append("".join(c["choices"][0]["text"] for c in chunks))
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        t = threading.Thread(target=streamed)
+        t.start()
+        time.sleep(0.5)
+        gone = threading.Event()
+        gen = task.stream(task.parse("completions", body), gone)
+        waiter = threading.Thread(target=lambda: list(gen))
+        waiter.start()
+        time.sleep(0.3)
+        gone.set()  # this client leaves while it waits for the device
+    t.join(30)
+    waiter.join(30)
+    assert not errors and out == [want]
+    assert counted.calls == one_stream, "the stream whose client left while it waited ran no forward pass"
