@@ -156,6 +156,8 @@ class Gateway(OpenAIRoutes):
         # controller and never over-commits.
         self.queue.members(self.spec.queue.gateway_replicas, rank)
         self.drain.replicas(1, 0, 0.0)
+        # Readiness is never told on that assumption: only once the controller has counted.
+        self._counted = asyncio.Event()
 
     # -- replica counts ---------------------------------------------------------
 
@@ -189,6 +191,7 @@ class Gateway(OpenAIRoutes):
                     self.queue.members(self._members(max(1, gateways), time.monotonic()), self._rank)
                     remaining = self._startup.observe(time.monotonic(), running, starting)
                     self.drain.replicas(running, starting, remaining)
+                    self._counted.set()
                     self._pump()
             except Exception as e:  # noqa: BLE001 - keep the last counts; the controller may be restarting
                 pending = None
@@ -597,7 +600,7 @@ class Gateway(OpenAIRoutes):
         """``GET /v1/models``, answered by a model replica; ``GET /health``: readiness from this gateway's
         own state for anyone (probes), a replica's details only with a key (they name nodes and devices)."""
         if route == "health" and not self._check_key.allows(request.headers):
-            return self._readiness()
+            return await self._readiness()
         try:
             if route != "health":
                 self._check_auth(request)
@@ -608,10 +611,20 @@ class Gateway(OpenAIRoutes):
             return error_response(e)
         return to_response(reply)
 
-    def _readiness(self) -> Response:
-        """Ready when the controller last counted a running replica; never forwarded past admission, so an
-        unauthenticated caller costs a replica nothing and learns nothing but ready or not."""
+    async def _readiness(self) -> Response:
+        """Ready when the controller last counted a running replica (a probe before its first count waits
+        for it, a poll's timeout at most); never forwarded past admission, so an unauthenticated caller costs
+        a replica nothing and learns nothing but ready or not."""
         self._ensure_poller()
+        if not self._counted.is_set():
+            try:
+                await asyncio.wait_for(self._counted.wait(), POLL_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                pass
+        if not self._counted.is_set():
+            return error_response(
+                ModelNotReady("the gateway has not yet heard the replica count from the Serve controller", code="model_not_ready")
+            )
         if self.drain.running >= 1:
             return JSONResponse({"status": "ready"})
         return error_response(ModelNotReady("no replica is running yet", code="model_not_ready"))

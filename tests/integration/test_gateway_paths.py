@@ -501,3 +501,39 @@ def test_a_survivor_takes_the_larger_share_only_once_the_ledger_can_show_the_dea
     early, late, grown = run(main())
     assert early == [2, 2, 2] and late == 1
     assert grown == 3  # growing needs no wait: a new gateway's share only shrinks the others'
+
+
+def test_readiness_waits_for_the_controllers_count_and_follows_it(monkeypatch):
+    # Before the first poll answers, the gateway admits on one replica's slots (it must not wait), but a
+    # probe must not be told "ready" on that assumption: a deployment at zero replicas would look ready.
+    import threading
+
+    from serving._private import gateway as gw
+
+    monkeypatch.setattr(gw, "POLL_TIMEOUT_S", 0.2)
+    answer, counts = threading.Event(), {"running": 0}
+
+    def states():
+        answer.wait(10)
+        return counts["running"], 0, 1
+
+    async def main():
+        g = Gateway.__new__(Gateway)
+        g._setup(SPEC, Model(0.0), states, Metrics())
+        before = (await g._readiness()).status_code  # waits a poll's timeout for the first count, no more
+        answer.set()
+        await asyncio.wait_for(g._counted.wait(), 5.0)
+        at_zero = (await g._readiness()).status_code  # counted: no replica running
+        counts["running"] = 1
+        for _ in range(50):
+            if g.drain.running == 1:
+                break
+            await asyncio.sleep(0.1)
+        running = (await g._readiness()).status_code
+        g._poller.cancel()
+        return before, at_zero, running
+
+    try:
+        assert run(main()) == (503, 503, 200)
+    finally:
+        answer.set()
