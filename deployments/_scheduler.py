@@ -13,7 +13,8 @@ whole prompt, and the running sequences are never held up by more than a chunk's
 
 The batch's KV cache is transformers' ``DynamicCache``: rows are left-padded to a common length, an
 attention mask hides the padding, and each row's positions count its own tokens only, so a row's
-logits are those of the same prompt alone (up to float rounding). Models whose cache is not made of
+logits are those of the same prompt alone (up to float rounding). Its layers grow in place, into room
+kept at the head of their buffers (:func:`_roomy_layer`), not by a copy of the whole cache per step. Models whose cache is not made of
 plain dynamic layers (sliding windows, quantised or static caches) are refused at start
 (:func:`supports`), and the task falls back to its static path.
 
