@@ -635,14 +635,15 @@ class TextGenerationTask(Task[CompletionItem]):
                 seq.cancel()
         # The static path: one generate for the stream, under the device lock. An out-of-memory error before
         # any text is shown is retried once on the freed cache; after that, or twice, it is classified in the
-        # replica's OomLog like a batch's (413 too large, or the device's trouble).
+        # replica's OomLog like a batch's (413 too large, or the device's trouble), by the same measure the
+        # static path's batches use (item_tokens: the prompt), so the two compare like with like.
         shown_any = False
         for attempt in (1, 2):
             try:
                 for text, reason in self._static_deltas(item, _Attempt(cancel), stats):
                     shown_any = shown_any or bool(text)
                     yield text, reason
-                self.oom_log.completed(item.prompt_tokens + int(stats.get("new_tokens", 0)))
+                self.oom_log.completed(self.item_tokens(item))
                 return
             except Exception as e:
                 if not is_oom(e):
@@ -651,10 +652,7 @@ class TextGenerationTask(Task[CompletionItem]):
             self._free_cache()
             if shown_any or attempt == 2:
                 raise self.oom_log.lone_error(
-                    item.prompt_tokens + item.max_tokens,
-                    "lower max_tokens or shorten the prompt",
-                    "max_tokens",
-                    retried=attempt == 2,
+                    self.item_tokens(item), "shorten the prompt or lower max_tokens", retried=attempt == 2
                 )
 
     def _static_deltas(self, item: CompletionItem, cancel: Any, stats: dict[str, Any]) -> Iterator[tuple[str, Optional[str]]]:

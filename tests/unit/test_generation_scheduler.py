@@ -635,7 +635,7 @@ def test_an_oom_in_a_static_stream_is_freed_retried_once_and_classified_in_the_r
     assert sum(task.oom_log.counts.values()) == 0
     counted.oom_left = 2  # alone, twice, and larger than anything that completed here: 413, not the device's fault
     with pytest.raises(RequestTooLargeForDevice) as ei:
-        stream_text(max_tokens=100)
+        stream_text(prompt="Once upon a time " * 8)
     assert http_status_for(ei.value) == 413 and "alone, twice" in str(ei.value)
     assert task.oom_log.counts == {"too_large": 1} and task.oom_log.recent() == 0
     counted.oom_left = 2  # as large as one that completed: the device's trouble, counted for its health
