@@ -30,8 +30,8 @@ import tempfile
 import threading
 import time
 
-from bench.generation import pct, workload
-from bench.prefill_chunk import run_phase
+from bench.generation import workload
+from bench.prefill_chunk import choose, run_phase, summarize
 
 ENGINES = ("iteration", "transformers_cb")
 
@@ -88,16 +88,6 @@ def run_phase_cb(manager, tokenizer, arrivals):
     return done, time.monotonic() - t0
 
 
-def _row(engine, rate, done, wall_s):
-    short = [d for d in done if d["short"]]
-    return {
-        "engine": engine, "rate": rate, "requests": len(done), "ok": sum(d["ok"] for d in done),
-        "ttft_p50_s": pct([d["ttft_s"] for d in short], 0.5), "ttft_p99_s": pct([d["ttft_s"] for d in short], 0.99),
-        "streamed_ttft_p99_s": pct([d["ttft_s"] for d in short if d["stream"]], 0.99),
-        "tokens_per_s": round(sum(d["tokens"] for d in done) / wall_s, 2),
-    }
-
-
 def compare_engines(model, tokenizer, device, rates, duration_s, slots=32, seed=0) -> dict:
     """Both engines against the same arrivals, on a loaded model (any device); the JSON document."""
     from transformers import GenerationConfig
@@ -132,14 +122,11 @@ def compare_engines(model, tokenizer, device, rates, duration_s, slots=32, seed=
                 finally:
                     manager.stop(block=True)
             texts[(engine, rate)] = {d["prompt"]: d["text"] for d in done}
-            rows.append(_row(engine, rate, done, wall_s))
+            rows.append({"engine": engine, "rate": rate, **summarize(done, wall_s)})
             print(rows[-1], file=sys.stderr)
     same = {e: sum(texts[(e, r)].get(k) == v for r in rates for k, v in texts[("iteration", r)].items()) for e in ENGINES}
     total = sum(len(texts[("iteration", r)]) for r in rates)
-    by_engine = {e: [r for r in rows if r["engine"] == e] for e in ENGINES}
-    best_tps = max(sum(r["tokens_per_s"] for r in rs) for rs in by_engine.values())
-    eligible = [e for e, rs in by_engine.items() if sum(r["tokens_per_s"] for r in rs) >= 0.95 * best_tps]
-    chosen = min(eligible, key=lambda e: sum(r["ttft_p99_s"] or 0 for r in by_engine[e]))
+    chosen = choose({e: [r for r in rows if r["engine"] == e] for e in ENGINES})
     return {
         "device": device,
         "duration_s": duration_s,

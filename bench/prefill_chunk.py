@@ -61,6 +61,26 @@ def run_phase(scheduler, tokenizer, arrivals):
     return done, time.monotonic() - t0
 
 
+def summarize(done, wall_s) -> dict:
+    """One phase's figures: requests, completions, the short requests' TTFT (p50/p99, and p99 of the streamed
+    ones) and output tokens/s."""
+    short = [d for d in done if d["short"]]
+    return {
+        "requests": len(done), "ok": sum(d["ok"] for d in done),
+        "ttft_p50_s": pct([d["ttft_s"] for d in short], 0.5), "ttft_p99_s": pct([d["ttft_s"] for d in short], 0.99),
+        "streamed_ttft_p99_s": pct([d["ttft_s"] for d in short if d["stream"]], 0.99),
+        "tokens_per_s": round(sum(d["tokens"] for d in done) / wall_s, 2),
+    }
+
+
+def choose(rows_by_setup: dict) -> object:
+    """The setup with the lowest TTFT p99 of short requests summed over the rates, among those within 5 % of
+    the best output tokens/s (summed likewise)."""
+    tps = {k: sum(r["tokens_per_s"] for r in rows) for k, rows in rows_by_setup.items()}
+    eligible = [k for k in rows_by_setup if tps[k] >= 0.95 * max(tps.values())]
+    return min(eligible, key=lambda k: sum(r["ttft_p99_s"] or 0 for r in rows_by_setup[k]))
+
+
 def compare(model, tokenizer, chunks, rates, duration_s, slots=32, seed=0, long_repeat=6) -> dict:
     """Every chunk size against the same arrivals, on a loaded model (any device); the JSON document."""
     from deployments._scheduler import GenerationScheduler, Sequence
@@ -82,23 +102,14 @@ def compare(model, tokenizer, chunks, rates, duration_s, slots=32, seed=0, long_
                 done, wall_s = run_phase(scheduler, tokenizer, arrivals)
             finally:
                 scheduler.close()
-            short = [d for d in done if d["short"]]
             texts[(chunk, rate)] = {d["prompt"]: d["text"] for d in done}
-            rows.append({
-                "chunk": chunk, "rate": rate, "requests": len(done), "ok": sum(d["ok"] for d in done),
-                "ttft_p50_s": pct([d["ttft_s"] for d in short], 0.5), "ttft_p99_s": pct([d["ttft_s"] for d in short], 0.99),
-                "streamed_ttft_p99_s": pct([d["ttft_s"] for d in short if d["stream"]], 0.99),
-                "tokens_per_s": round(sum(d["tokens"] for d in done) / wall_s, 2),
-            })
+            rows.append({"chunk": chunk, "rate": rate, **summarize(done, wall_s)})
             print(rows[-1], file=sys.stderr)
     same = {
         c: sum(texts[(c, r)][k] == v for r in rates for k, v in texts[(chunks[0], r)].items())
         for c in chunks
     }
-    by_chunk = {c: [r for r in rows if r["chunk"] == c] for c in chunks}
-    best_tps = max(sum(r["tokens_per_s"] for r in rs) for rs in by_chunk.values())
-    eligible = [c for c, rs in by_chunk.items() if sum(r["tokens_per_s"] for r in rs) >= 0.95 * best_tps]
-    chosen = min(eligible, key=lambda c: sum(r["ttft_p99_s"] or 0 for r in by_chunk[c]))
+    chosen = choose({c: [r for r in rows if r["chunk"] == c] for c in chunks})
     return {
         "long_prompt_tokens": len(tokenizer(long_prompt)["input_ids"]),
         "duration_s": duration_s,
