@@ -695,13 +695,19 @@ def test_a_decode_step_writes_its_token_into_the_cache_in_place_instead_of_copyi
         def step(self, running, waiting, kv_cache_bytes, token_gaps_s):
             super().step(running, waiting, kv_cache_bytes, token_gaps_s)
             if sched._cache is not None:
-                self.ptrs.append(sched._cache.layers[0].keys.untyped_storage().data_ptr())
+                layer = sched._cache.layers[0]
+                self.ptrs.append(layer.keys.untyped_storage().data_ptr())
+                self.room.append(layer.keys.untyped_storage().nbytes() // (layer.keys.nbytes // layer.keys.shape[-2]))
 
     seen = Storages()
+    seen.room = []
     sched = GenerationScheduler(lm.model, lm.tokenizer, max_running=4, observer=seen)
+    prompt = lm.encode("Once upon a time")
     try:
         text = sched.result(sched.submit(seq(lm, "Once upon a time", 60)))[0]
     finally:
         sched.close()
     assert len(seen.ptrs) >= 50 and len(set(seen.ptrs)) <= 4, "a new cache tensor at (almost) every step"
+    # The room never reaches past what the sequence can fill: its prompt plus max_tokens.
+    assert max(seen.room) <= len(prompt) + 60
     assert text == iteration.run_batch([iteration.parse("completions", {"prompt": "Once upon a time", "max_tokens": 60, "temperature": 0})])[0]["choices"][0]["text"]
