@@ -14,9 +14,9 @@ whole prompt, and the running sequences are never held up by more than a chunk's
 The batch's KV cache is transformers' ``DynamicCache``: rows are left-padded to a common length, an
 attention mask hides the padding, and each row's positions count its own tokens only, so a row's
 logits are those of the same prompt alone (up to float rounding). Its layers grow in place, into room
-kept at the head of their buffers (:func:`_roomy_layer`), not by a copy of the whole cache per step. Models whose cache is not made of
-plain dynamic layers (sliding windows, quantised or static caches) are refused at start
-(:func:`supports`), and the task falls back to its static path.
+kept at the head of their buffers (:func:`_roomy_layer`), not by a copy of the whole cache per step.
+Models whose cache is not made of plain dynamic layers (sliding windows, quantised or static caches)
+are refused at start (:func:`supports`), and the task falls back to its static path.
 
 **Memory.** Each sequence may grow to its prompt plus ``max_tokens``; the padded batch to its row count
 times its longest such row. With a KV budget, a waiting sequence joins only while that bound stays
@@ -49,8 +49,8 @@ logger = logging.getLogger("ray.serve")
 
 __all__ = [
     "Finished",
-    "HeldBack",
     "GenerationScheduler",
+    "HeldBack",
     "Sequence",
     "StepObserver",
     "cut_at_stop",
@@ -148,12 +148,12 @@ class Sequence:
     _pending: Any = None
 
     def __post_init__(self) -> None:
-        self.shown = HeldBack(self.stop)
+        self.held = HeldBack(self.stop)
 
     @property
     def text(self) -> str:
         """The text so far (cut at a stop sequence)."""
-        return self.shown.text
+        return self.held.text
 
     @property
     def peak_tokens(self) -> int:
@@ -582,7 +582,6 @@ class GenerationScheduler:
         )
 
     def _forward(self, input_ids: Any, mask: Any, cache: Any) -> tuple[Any, Any]:
-
         # Each row's positions count its own tokens: padding takes no position.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
         out = self.model(
@@ -723,7 +722,7 @@ class GenerationScheduler:
             return False  # the last token ends inside a character: wait for the rest of it
         shown_before = self.tokenizer.decode(s.ids[s._prefix : s._read], skip_special_tokens=True)
         s._prefix, s._read = s._read, len(s.ids)
-        safe, stopped = s.shown.add(window[len(shown_before) :])
+        safe, stopped = s.held.add(window[len(shown_before) :])
         if stopped:
             self._finish(s, "stop")
             return True
@@ -733,12 +732,12 @@ class GenerationScheduler:
 
     def _finish(self, s: Sequence, reason: str) -> None:
         if not s.incremental:
-            safe, _ = s.shown.add(self.tokenizer.decode(s.ids, skip_special_tokens=True))
+            safe, _ = s.held.add(self.tokenizer.decode(s.ids, skip_special_tokens=True))
             if safe:
                 s.events.put(safe)
         elif s._read < len(s.ids) and self._emit(s, final=True):
             return  # the held-back tail held a stop sequence: _emit finished it
-        rest = s.shown.rest()
+        rest = s.held.rest()
         if rest:
             s.events.put(rest)
         s.events.put(Finished(reason, len(s.ids)))

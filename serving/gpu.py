@@ -20,6 +20,8 @@ from collections import Counter, deque
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
+from serving.errors import ModelNotReady, RequestTooLargeForDevice
+
 __all__ = [
     "free_cache_for",
     "OomLog",
@@ -345,8 +347,6 @@ class OomLog:
         Returns a 413 (``too_large``) when it is larger than any request that completed here, else a 503
         (``persistent``, counted toward the replica's health). ``fix`` tells the client what to change.
         """
-        from serving.errors import ModelNotReady, RequestTooLargeForDevice
-
         if tokens > self.largest_ok_tokens:
             self.note("too_large")
             return RequestTooLargeForDevice(

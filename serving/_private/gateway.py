@@ -616,12 +616,9 @@ class Gateway(OpenAIRoutes):
         for it, a poll's timeout at most); never forwarded past admission, so an unauthenticated caller costs
         a replica nothing and learns nothing but ready or not."""
         self._ensure_poller()
-        if not self._counted.is_set():
-            try:
-                await asyncio.wait_for(self._counted.wait(), POLL_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                pass
-        if not self._counted.is_set():
+        try:
+            await asyncio.wait_for(self._counted.wait(), POLL_TIMEOUT_S)
+        except asyncio.TimeoutError:
             return error_response(
                 ModelNotReady("the gateway has not yet heard the replica count from the Serve controller", code="model_not_ready")
             )

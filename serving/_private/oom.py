@@ -112,7 +112,7 @@ class BatchRunner:
     ):
         self.run_batch, self.tokens_of = run_batch, tokens_of
         self.model, self.budget_bytes = model, budget_bytes
-        self.free_cache, self.clock = free_cache, clock
+        self.free_cache = free_cache
         self.oom_log = oom_log if oom_log is not None else OomLog(clock, window_s, max_ooms, on_oom)
         self.oom_total = 0
 
