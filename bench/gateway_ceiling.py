@@ -31,18 +31,10 @@ import sys
 import time
 import types
 
-from bench.overload import TASK, WRK_SCRIPT, deploy_gpuserve, deploy_stock, urlopen_text
+from bench.overload import TASK, deploy_gpuserve, deploy_stock, psutil_module, run_wrk, urlopen_text
 
 LAYOUTS = ("shared", "gateways_own_core")
 SLOTS = 64
-
-
-def _psutil():
-    try:
-        import psutil
-    except ImportError:  # Ray ships its own copy
-        from ray.thirdparty_files import psutil
-    return psutil
 
 
 def role(title: str) -> str:
@@ -58,7 +50,7 @@ def role(title: str) -> str:
 
 def ray_processes():
     """This process's descendants (GCS, raylet, Ray's workers) with their roles."""
-    psutil = _psutil()
+    psutil = psutil_module()
     out = []
     for p in psutil.Process(os.getpid()).children(recursive=True):
         with contextlib.suppress(psutil.Error):
@@ -68,7 +60,7 @@ def ray_processes():
 
 def pin(layout: str, procs) -> None:
     """Place the server's processes for ``layout`` (the load generator is placed when it starts)."""
-    psutil = _psutil()
+    psutil = psutil_module()
     every = set(range(os.cpu_count() or 1))
     for p, r in procs:
         cores = every if layout == "shared" else ({0} if r == "gateway" else {1})
@@ -80,7 +72,7 @@ def pin(layout: str, procs) -> None:
 
 
 def cpu_s(procs) -> dict:
-    psutil = _psutil()
+    psutil = psutil_module()
     out = {}
     for p, r in procs:
         with contextlib.suppress(psutil.Error):
@@ -89,52 +81,12 @@ def cpu_s(procs) -> dict:
     return out
 
 
-def run_wrk(url: str, seconds: float, layout: str, connections: int = 64) -> dict:
-    """``wrk`` against ``url``: throughput answered 2xx, its p50, and its own CPU seconds."""
-    import re
-    import subprocess
-    import tempfile
-
-    psutil = _psutil()
-    cores = None if layout == "shared" else [0]
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(WRK_SCRIPT)
-    try:
-        proc = subprocess.Popen(
-            [shutil.which("wrk"), "-t2", f"-c{connections}", f"-d{int(seconds)}s", "--latency", "-s", f.name, url],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
-        )
-        ps = psutil.Process(proc.pid)
-        wrk_cpu = 0.0
-        while proc.poll() is None:
-            with contextlib.suppress(psutil.Error):
-                t = ps.cpu_times()
-                wrk_cpu = t.user + t.system
-            time.sleep(0.2)
-        out = proc.stdout.read()
-    finally:
-        os.unlink(f.name)
-    total = int(re.search(r"(\d+) requests in", out).group(1))
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
-    unit = {"us": 0.001, "ms": 1.0, "s": 1000.0}
-    ok = total - (int(non2xx.group(1)) if non2xx else 0)
-    return {
-        "ok": ok,
-        "ok_per_s": round(ok / seconds, 1),
-        "non_2xx": total - ok,
-        "p50_ms": round(float(p50.group(1)) * unit[p50.group(2)], 1) if p50 else None,
-        "wrk_cpu_s": round(wrk_cpu, 2),
-    }
-
-
 def measure(url: str, seconds: float, layout: str) -> dict:
     procs = ray_processes()
     pin(layout, procs)
     time.sleep(1.0)
     before = cpu_s(procs)
-    res = run_wrk(url, seconds, layout)
+    res = run_wrk(url, seconds, cores=None if layout == "shared" else [0])
     after = cpu_s(procs)
     by_role: dict = {}
     for pid, (r, s) in after.items():
