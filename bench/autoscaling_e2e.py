@@ -29,11 +29,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-# Replicas push autoscaling metrics every 2 s: read by Ray when it builds the deployment's config in
-# this process, and by the processes of the cluster (passed on below).
-os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "2")
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -149,6 +145,42 @@ async def replay(base: str, arrivals: np.ndarray, t0: float) -> list[tuple[float
     return out
 
 
+class ReplicaStarts:
+    """Each replica's STARTING -> RUNNING transition, from samples of Serve's replica counts.
+
+    The counts do not say which replica is which: a replica that turns RUNNING is paired with the oldest
+    STARTING stamp (first started, first ready), and the stamps always number the replicas STARTING now.
+    Those that left without running (a scale-down stops replicas that are not RUNNING first) take the
+    newest stamps with them. Left behind, such a stamp was paired with a later replica's start: in a full
+    run Ray's default scaled 1 -> 4 and back to 1 before its new replicas ran, and its measured starts
+    of 67-256 s made the simulator start every replica in 22 s (median) where they took 5-6 s. A replica
+    first seen RUNNING (its start not sampled) is not timed.
+    """
+
+    def __init__(self) -> None:
+        self.transitions: list[tuple[float, float]] = []  # (starting_at, running_at)
+        self._pending: list[float] = []
+        self._last_running = 0
+
+    def sample(self, now: float, starting: int, running: int) -> None:
+        for _ in range(max(0, running - self._last_running)):
+            if self._pending:
+                self.transitions.append((self._pending.pop(0), now))
+        if starting > len(self._pending):
+            self._pending += [now] * (starting - len(self._pending))
+        else:
+            del self._pending[starting:]
+        self._last_running = running
+
+    def net_of_joins(self, joins: list[float]) -> list[float]:
+        """Each start timed from the later of its STARTING and the last node join before it ran."""
+        out = []
+        for started, ran in self.transitions:
+            joined = [j for j in joins if started <= j <= ran]
+            out.append(ran - max([started, *joined]))
+        return out
+
+
 class PoolWatch:
     """Samples Serve's replica states and the GPU demand Ray's autoscaler sees, every 0.5 s.
 
@@ -170,7 +202,7 @@ class PoolWatch:
 
         self.address = address
         self.stop = threading.Event()
-        self.transitions: list[tuple[float, float]] = []  # (starting_at, running_at)
+        self.starts = ReplicaStarts()
         self.demand: list[tuple[float, float]] = []  # (time, GPUs wanted: requested, or in use + pending)
         self.running: list[tuple[float, int]] = []  # (time, replicas RUNNING)
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -182,19 +214,13 @@ class PoolWatch:
         def gpus(demands) -> float:
             return sum(r.count * r.bundle.get("GPU", 0) for d in demands for r in d.bundles_by_count)
 
-        pending: list[float] = []
-        last_starting = last_running = 0
         while not self.stop.is_set():
             now = time.time()
             try:
                 st = serve.status().applications["e2e"].deployments["e2e"].replica_states
                 starting, running = st.get("STARTING", 0), st.get("RUNNING", 0)
                 self.running.append((now, running))
-                pending += [now] * max(0, starting + running - last_starting - last_running)
-                for _ in range(max(0, running - last_running)):
-                    if pending:
-                        self.transitions.append((pending.pop(0), now))
-                last_starting, last_running = starting, running
+                self.starts.sample(now, starting, running)
             except Exception:  # noqa: BLE001 - not deployed yet
                 pass
             try:
@@ -218,11 +244,7 @@ class PoolWatch:
             time.sleep(0.5)
 
     def replica_starts_s(self, joins: list[float]) -> list[float]:
-        out = []
-        for started, ran in self.transitions:
-            joined = [j for j in joins if started <= j <= ran]
-            out.append(ran - max([started, *joined]))
-        return out
+        return self.starts.net_of_joins(joins)
 
     def reactions_s(self, launches: list[float], nodes_at: "Callable[[float], int]") -> list[float]:
         """For each launch, how long the demand had wanted the node it adds.
@@ -574,6 +596,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--policy", action="append", choices=["predictive", "ray_default"])
     args = ap.parse_args()
+    # Replicas push autoscaling metrics every 2 s: read by Ray when it builds the deployment's config in
+    # this process (before anything imports ray.serve), and by the processes of the cluster (passed on).
+    os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "2")
     if args.provisioning_s < 30:
         ap.error(f"--provisioning-s ({args.provisioning_s}) must be >= 30: the issue's floor for a GPU node")
     # Stdout carries the JSON only (Ray's forwarded log lines go to stderr).
