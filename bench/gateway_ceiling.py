@@ -105,7 +105,7 @@ def measure(url: str, seconds: float, layout: str) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=15.0, help="seconds of saturating load per arm")
-    ap.add_argument("--gateway-replicas", type=int, default=None, help="gateways in the gateway arm (default: the spec's, 2)")
+    ap.add_argument("--gateway-replicas", type=int, default=None, help="gateways in the gateway arm (default: queue.gateway_replicas' default)")
     ap.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma-separated, of {LAYOUTS}")
     args = ap.parse_args(argv)
     if shutil.which("wrk") is None:
@@ -128,7 +128,10 @@ def main(argv=None) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
     bench_args = types.SimpleNamespace(task=TASK, slots=SLOTS)
-    out = {"bench": "gateway_ceiling", "seconds": args.seconds, "gateway_replicas": args.gateway_replicas or 2, "slots": SLOTS, "connections": 64, "cores": os.cpu_count()}
+    from serving import QueueSpec
+
+    gateways = args.gateway_replicas or QueueSpec.model_fields["gateway_replicas"].default
+    out = {"bench": "gateway_ceiling", "seconds": args.seconds, "gateway_replicas": gateways, "slots": SLOTS, "connections": 64, "cores": os.cpu_count()}
     try:
         for layout in layouts:
             row = {}
