@@ -158,6 +158,8 @@ class Gateway(OpenAIRoutes):
         self.drain.replicas(1, 0, 0.0)
         # Readiness is never told on that assumption: only once the controller has counted.
         self._counted = asyncio.Event()
+        # A probe's own count, shared by the probes that arrive while it is asked (never stacked).
+        self._fresh: "Optional[asyncio.Future]" = None
 
     # -- replica counts ---------------------------------------------------------
 
@@ -613,8 +615,8 @@ class Gateway(OpenAIRoutes):
 
     async def _readiness(self) -> Response:
         """Ready when the controller last counted a running replica (a probe before its first count waits
-        for it, a poll's timeout at most); never forwarded past admission, so an unauthenticated caller costs
-        a replica nothing and learns nothing but ready or not."""
+        for it, a poll's timeout at most), else when it counts one now; never forwarded past admission, so an
+        unauthenticated caller costs a replica nothing and learns nothing but ready or not."""
         self._ensure_poller()
         try:
             await asyncio.wait_for(self._counted.wait(), POLL_TIMEOUT_S)
@@ -622,9 +624,23 @@ class Gateway(OpenAIRoutes):
             return error_response(
                 ModelNotReady("the gateway has not yet heard the replica count from the Serve controller", code="model_not_ready")
             )
-        if self.drain.running >= 1:
+        if self.drain.running >= 1 or await self._fresh_count_running() >= 1:
             return JSONResponse({"status": "ready"})
         return error_response(ModelNotReady("no replica is running yet", code="model_not_ready"))
+
+    async def _fresh_count_running(self) -> int:
+        """Running replicas as the controller counts them now (0 when it does not answer in a poll's timeout).
+
+        "Not ready" is said only on such a count: the poller's may be a period old, and a deployment
+        whose replica has just turned RUNNING (``serve.run`` has returned) was refused for that long.
+        """
+        if self._fresh is None or self._fresh.done():
+            self._fresh = asyncio.ensure_future(asyncio.to_thread(self._replica_states))
+        fresh = self._fresh  # a later probe may start the next one while this one waits
+        done, _ = await asyncio.wait({fresh}, timeout=POLL_TIMEOUT_S)
+        if not done or fresh.cancelled() or fresh.exception() is not None:
+            return 0
+        return fresh.result()[0]
 
     async def admission(self, request: Request) -> Response:
         """The queue, its counters and the drain estimate (JSON)."""

@@ -503,6 +503,37 @@ def test_a_survivor_takes_the_larger_share_only_once_the_ledger_can_show_the_dea
     assert grown == 3  # growing needs no wait: a new gateway's share only shrinks the others'
 
 
+def test_readiness_says_not_ready_only_on_a_fresh_count(monkeypatch):
+    # serve.run returns once the controller counts the model replica RUNNING, but a gateway's last count
+    # can be a poll period older: a probe right then was told "no replica is running yet" (seen in CI,
+    # 0.3 s after the replica started). Ready may come from the last count; not ready is asked again.
+    from serving._private import gateway as gw
+
+    monkeypatch.setattr(gw, "POLL_PERIOD_S", 60.0)  # no second poll in this test: only the probe asks
+    counts = {"running": 0, "asked": 0}
+
+    def states():
+        counts["asked"] += 1
+        return counts["running"], 1, 1
+
+    async def main():
+        g = Gateway.__new__(Gateway)
+        g._setup(SPEC, Model(0.0), states, Metrics())
+        g._ensure_poller()
+        await asyncio.wait_for(g._counted.wait(), 5.0)
+        starting = (await g._readiness()).status_code  # counted 0, and a fresh count says 0 too
+        counts["running"] = 1  # the replica turned RUNNING after the poller's count
+        now_ready = (await g._readiness()).status_code
+        asked = counts["asked"]
+        again = (await g._readiness()).status_code  # still from a fresh count: the poller's says 0
+        g._poller.cancel()
+        return starting, now_ready, again, asked
+
+    starting, now_ready, again, asked = run(main())
+    assert (starting, now_ready, again) == (503, 200, 200)
+    assert asked == 3  # the poller's first count, then one fresh count per probe that would say not ready
+
+
 def test_readiness_waits_for_the_controllers_count_and_follows_it(monkeypatch):
     # Before the first poll answers, the gateway admits on one replica's slots (it must not wait), but a
     # probe must not be told "ready" on that assumption: a deployment at zero replicas would look ready.
