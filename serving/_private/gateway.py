@@ -11,6 +11,7 @@ answered 504 without ever reaching the model. The queue logic is pure
 """
 
 
+import contextlib
 import asyncio
 import hashlib
 import json
@@ -158,8 +159,9 @@ class Gateway(OpenAIRoutes):
         self.drain.replicas(1, 0, 0.0)
         # Readiness is never told on that assumption: only once the controller has counted.
         self._counted = asyncio.Event()
-        # A probe's own count, shared by the probes that arrive while it is asked (never stacked).
-        self._fresh: "Optional[asyncio.Future]" = None
+        # A probe that would answer "not ready" wakes the poller and waits for its next count.
+        self._wake = asyncio.Event()
+        self._next_count = asyncio.Event()
 
     # -- replica counts ---------------------------------------------------------
 
@@ -194,6 +196,8 @@ class Gateway(OpenAIRoutes):
                     remaining = self._startup.observe(time.monotonic(), running, starting)
                     self.drain.replicas(running, starting, remaining)
                     self._counted.set()
+                    self._next_count.set()
+                    self._next_count = asyncio.Event()
                     self._pump()
             except Exception as e:  # noqa: BLE001 - keep the last counts; the controller may be restarting
                 pending = None
@@ -203,7 +207,10 @@ class Gateway(OpenAIRoutes):
                 self._metrics.gauges(self.queue.queued_by_class(), self.queue.in_flight, self.drain.capacity)
             except Exception as e:  # noqa: BLE001 - a metrics hiccup must not stop the counts
                 logger.warning("gpuserve: gateway could not export its gauges: %s", e)
-            await asyncio.sleep(POLL_PERIOD_S)
+            # Every period, or at once when a probe asks for a fresh count.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), POLL_PERIOD_S)
+            self._wake.clear()
 
     def _members(self, counted: int, now_s: float) -> int:
         """The membership to take shares by: the controller's count, except that a shrink waits until
@@ -615,32 +622,24 @@ class Gateway(OpenAIRoutes):
 
     async def _readiness(self) -> Response:
         """Ready when the controller last counted a running replica (a probe before its first count waits
-        for it, a poll's timeout at most), else when it counts one now; never forwarded past admission, so an
+        for it, a poll's timeout at most), else when its next count does; never forwarded past admission, so an
         unauthenticated caller costs a replica nothing and learns nothing but ready or not."""
         self._ensure_poller()
+        if self._counted.is_set() and self.drain.running >= 1:
+            return JSONResponse({"status": "ready"})
+        # "Not ready" only on the poller's next count: its last may be a period old, and a deployment whose
+        # replica has just turned RUNNING (serve.run has returned) was refused for that long.
+        next_count = self._next_count
+        self._wake.set()
         try:
-            await asyncio.wait_for(self._counted.wait(), POLL_TIMEOUT_S)
+            await asyncio.wait_for(next_count.wait(), POLL_TIMEOUT_S)
         except asyncio.TimeoutError:
             return error_response(
                 ModelNotReady("the gateway has not yet heard the replica count from the Serve controller", code="model_not_ready")
             )
-        if self.drain.running >= 1 or await self._fresh_count_running() >= 1:
+        if self.drain.running >= 1:
             return JSONResponse({"status": "ready"})
         return error_response(ModelNotReady("no replica is running yet", code="model_not_ready"))
-
-    async def _fresh_count_running(self) -> int:
-        """Running replicas as the controller counts them now (0 when it does not answer in a poll's timeout).
-
-        "Not ready" is said only on such a count: the poller's may be a period old, and a deployment
-        whose replica has just turned RUNNING (``serve.run`` has returned) was refused for that long.
-        """
-        if self._fresh is None or self._fresh.done():
-            self._fresh = asyncio.ensure_future(asyncio.to_thread(self._replica_states))
-        fresh = self._fresh  # a later probe may start the next one while this one waits
-        done, _ = await asyncio.wait({fresh}, timeout=POLL_TIMEOUT_S)
-        if not done or fresh.cancelled() or fresh.exception() is not None:
-            return 0
-        return fresh.result()[0]
 
     async def admission(self, request: Request) -> Response:
         """The queue, its counters and the drain estimate (JSON)."""

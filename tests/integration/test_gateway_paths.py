@@ -509,7 +509,7 @@ def test_readiness_says_not_ready_only_on_a_fresh_count(monkeypatch):
     # 0.3 s after the replica started). Ready may come from the last count; not ready is asked again.
     from serving._private import gateway as gw
 
-    monkeypatch.setattr(gw, "POLL_PERIOD_S", 60.0)  # no second poll in this test: only the probe asks
+    monkeypatch.setattr(gw, "POLL_PERIOD_S", 60.0)  # no second poll in this test unless a probe wakes it
     counts = {"running": 0, "asked": 0}
 
     def states():
@@ -525,13 +525,13 @@ def test_readiness_says_not_ready_only_on_a_fresh_count(monkeypatch):
         counts["running"] = 1  # the replica turned RUNNING after the poller's count
         now_ready = (await g._readiness()).status_code
         asked = counts["asked"]
-        again = (await g._readiness()).status_code  # still from a fresh count: the poller's says 0
+        again = (await g._readiness()).status_code  # from the count the last probe woke the poller for
         g._poller.cancel()
         return starting, now_ready, again, asked
 
     starting, now_ready, again, asked = run(main())
     assert (starting, now_ready, again) == (503, 200, 200)
-    assert asked == 3  # the poller's first count, then one fresh count per probe that would say not ready
+    assert asked == 3  # the poller's first count, then one count per probe that would say not ready
 
 
 def test_readiness_waits_for_the_controllers_count_and_follows_it(monkeypatch):
